@@ -1,0 +1,170 @@
+// Command httpserver is the reference server: it shows how to embed graceful
+// and is what the zero-downtime tests, the demo and the benchmarks drive.
+//
+// Contract (extend, never break):
+//
+//	flags  -addr host:port (default 127.0.0.1:8080), -pidfile path
+//	GET  /          200 "ok", header X-Pid
+//	POST /echo      200 echoing the body, header X-Pid
+//	GET  /slow?ms=N sleeps N ms, then 200
+//	GET  /sse       text/event-stream, "data: tick" every 100 ms; at drain
+//	                "event: reconnect" then the stream ends
+//	GET  /ws        WebSocket echo; at drain closes with 1012 (service restart)
+//	GET  /readyz    200 while ready, 503 while draining
+//	GET  /livez     200
+//	SIGHUP upgrades in place; SIGTERM drains and exits 0.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/graceful-go/graceful"
+)
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:8080", "TCP address to serve on")
+	pidfile := flag.String("pidfile", "", "write the PID of the serving process here")
+	drain := flag.Duration("drain-timeout", graceful.DefaultDrainTimeout, "hard deadline of a drain")
+	upgrade := flag.Duration("upgrade-timeout", graceful.DefaultUpgradeTimeout, "how long a new process may take to become ready")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: %s [flags]\n\nReference server for graceful: SIGHUP upgrades in place, SIGTERM drains.\n\n", os.Args[0])
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if err := run(log, *addr, *pidfile, *drain, *upgrade); err != nil {
+		log.Error("exiting", "err", err)
+		os.Exit(1)
+	}
+}
+
+func run(log *slog.Logger, addr, pidfile string, drain, upgrade time.Duration) error {
+	p, err := graceful.New(graceful.Options{
+		Logger:         log,
+		PIDFile:        pidfile,
+		DrainTimeout:   drain,
+		UpgradeTimeout: upgrade,
+	})
+	if err != nil {
+		return err
+	}
+	ln, err := p.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	p.Serve(&http.Server{Handler: routes(p), ReadHeaderTimeout: 10 * time.Second}, ln)
+	return p.Run(context.Background())
+}
+
+func routes(p *graceful.Process) http.Handler {
+	pid := strconv.Itoa(os.Getpid())
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
+		io.WriteString(w, "ok")
+	})
+	mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
+		if _, err := io.Copy(w, r.Body); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+		}
+	})
+	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
+		if err != nil || ms < 0 || ms > 600_000 {
+			http.Error(w, "ms must be a whole number from 0 to 600000", http.StatusBadRequest)
+			return
+		}
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("X-Pid", pid)
+		io.WriteString(w, "ok")
+	})
+	mux.HandleFunc("GET /sse", sse)
+	mux.HandleFunc("GET /ws", echoWS)
+	mux.Handle("GET /readyz", p.Health().Readiness())
+	mux.Handle("GET /livez", p.Health().Liveness())
+	return mux
+}
+
+// sse ticks every 100 ms until the process drains, then asks the client to
+// reconnect (it will reach the new process) and ends the stream.
+func sse(w http.ResponseWriter, r *http.Request) {
+	fl, ok := w.(http.Flusher)
+	if !ok {
+		http.Error(w, "streaming unsupported", http.StatusInternalServerError)
+		return
+	}
+	draining := graceful.FromContext(r.Context()).Draining()
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.Header().Set("X-Pid", strconv.Itoa(os.Getpid()))
+	fl.Flush()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+			if _, err := io.WriteString(w, "data: tick\n\n"); err != nil {
+				return
+			}
+			fl.Flush()
+		case <-draining:
+			io.WriteString(w, "event: reconnect\ndata: server restarting\n\n")
+			fl.Flush()
+			return
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+var upgrader = websocket.Upgrader{}
+
+// echoWS echoes messages until the process drains, then closes with 1012
+// (service restart) and waits briefly for the client's close reply.
+func echoWS(w http.ResponseWriter, r *http.Request) {
+	h := http.Header{"X-Pid": {strconv.Itoa(os.Getpid())}}
+	c, err := upgrader.Upgrade(w, r, h)
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			typ, msg, err := c.ReadMessage()
+			if err != nil {
+				return
+			}
+			if err := c.WriteMessage(typ, msg); err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-done:
+	case <-graceful.FromContext(r.Context()).Draining():
+		msg := websocket.FormatCloseMessage(websocket.CloseServiceRestart, "server restarting")
+		c.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+		select {
+		case <-done: // the client answered the close
+		case <-time.After(2 * time.Second):
+		}
+	}
+}

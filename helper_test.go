@@ -1,0 +1,326 @@
+package graceful_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/internal/loadtest"
+)
+
+// The test binary doubles as the server under test: with
+// GRACEFUL_TEST_HELPER set it runs helperMain instead of the tests. Each
+// upgrade re-executes the file at the helper's path, so a test deploys a
+// bad "new version" by rewriting the mode file, replacing or removing the
+// binary.
+func TestMain(m *testing.M) {
+	if os.Getenv("GRACEFUL_TEST_HELPER") != "" {
+		os.Exit(helperMain())
+	}
+	os.Exit(m.Run())
+}
+
+// Modes of a helper generation, read from GRACEFUL_TEST_MODE_FILE at start.
+const (
+	modeOK        = "ok"        // a good server
+	modeExit      = "exit"      // exits with status 3 during start-up
+	modeHang      = "hang"      // hangs before creating the Process
+	modeCheckFail = "checkfail" // its pre-ready check never passes
+	modeSlowReady = "slowready" // its pre-ready check passes after 1.5 s
+)
+
+func helperMain() int {
+	mode := modeOK
+	if f := os.Getenv("GRACEFUL_TEST_MODE_FILE"); f != "" {
+		if b, err := os.ReadFile(f); err == nil {
+			mode = strings.TrimSpace(string(b))
+		}
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("mode", mode)
+	switch mode {
+	case modeExit:
+		log.Error("exiting during start-up, as told")
+		return 3
+	case modeHang:
+		log.Info("hanging during start-up, as told")
+		time.Sleep(time.Hour)
+		return 4
+	}
+	fs := flag.NewFlagSet("helper", flag.ContinueOnError)
+	addr := fs.String("addr", "127.0.0.1:0", "")
+	pidfile := fs.String("pidfile", "", "")
+	unixPath := fs.String("unix", "", "also serve HTTP on this Unix socket")
+	udpAddr := fs.String("udp", "", "also echo UDP datagrams on this address")
+	upgradeTimeout := fs.Duration("upgrade-timeout", 3*time.Second, "")
+	drainTimeout := fs.Duration("drain-timeout", 5*time.Second, "")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		return 2
+	}
+	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout}
+	if mode == modeCheckFail {
+		opts.UpgradeTimeout = time.Hour // the parent's timeout must be what ends it
+	}
+	p, err := graceful.New(opts)
+	if err != nil {
+		log.Error("new", "err", err)
+		return 1
+	}
+	switch mode {
+	case modeCheckFail:
+		p.Health().AddCheck("database", func(context.Context) error { return errors.New("database unreachable") })
+	case modeSlowReady:
+		start := time.Now()
+		p.Health().AddCheck("warm-up", func(context.Context) error {
+			if time.Since(start) < 1500*time.Millisecond {
+				return errors.New("still warming up")
+			}
+			return nil
+		})
+	}
+	ln, err := p.Listen("tcp", *addr)
+	if err != nil {
+		log.Error("listen", "err", err)
+		return 1
+	}
+	mux := helperMux(p)
+	p.Serve(&http.Server{Handler: mux}, ln)
+	if *unixPath != "" {
+		uln, err := p.Listen("unix", *unixPath)
+		if err != nil {
+			log.Error("listen", "err", err)
+			return 1
+		}
+		p.Serve(&http.Server{Handler: mux}, uln)
+	}
+	if *udpAddr != "" {
+		pc, err := p.ListenPacket("udp", *udpAddr)
+		if err != nil {
+			log.Error("listen", "err", err)
+			return 1
+		}
+		p.Add(func() error { return udpEcho(p, pc) }, func(context.Context) error { return pc.Close() })
+	}
+	if err := p.Run(context.Background()); err != nil {
+		log.Error("run", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func helperMux(p *graceful.Process) *http.ServeMux {
+	pid := strconv.Itoa(os.Getpid())
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
+		io.WriteString(w, "ok")
+	})
+	mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
+		io.Copy(w, r.Body)
+	})
+	// /env runs a real subprocess and returns the environment it got.
+	mux.HandleFunc("GET /env", func(w http.ResponseWriter, r *http.Request) {
+		out, err := exec.CommandContext(r.Context(), "env").Output()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Write(out)
+	})
+	mux.Handle("GET /readyz", p.Health().Readiness())
+	mux.HandleFunc("POST /upgrade", func(w http.ResponseWriter, r *http.Request) {
+		if err := p.Upgrade(r.Context()); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		io.WriteString(w, "upgraded")
+	})
+	// /hijack takes the connection and ignores the drain: only the drain
+	// deadline can end it.
+	mux.HandleFunc("GET /hijack", func(w http.ResponseWriter, r *http.Request) {
+		c, buf, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		buf.WriteString("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhijacked\n")
+		buf.Flush()
+		io.Copy(io.Discard, c) // returns when the drain deadline closes c
+	})
+	return mux
+}
+
+func udpEcho(p *graceful.Process, pc net.PacketConn) error {
+	buf := make([]byte, 1500)
+	pid := strconv.Itoa(os.Getpid())
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			select {
+			case <-p.Draining():
+				return nil
+			default:
+				return err
+			}
+		}
+		pc.WriteTo(append([]byte(pid+" "), buf[:n]...), from)
+	}
+}
+
+// raceEnv makes a data race in a server fail its exit code, and spares the
+// race detector's 1 s sleep at exit.
+const raceEnv = "GORACE=halt_on_error=1 atexit_sleep_ms=0"
+
+// helper is one helper server and its deployment directory.
+type helper struct {
+	*loadtest.Server
+	t        *testing.T
+	dir      string
+	bin      string
+	modeFile string
+	logs     *syncBuffer
+}
+
+// startHelper deploys a copy of the test binary and starts it.
+func startHelper(t *testing.T, args []string, cfg loadtest.Config) *helper {
+	t.Helper()
+	dir := t.TempDir()
+	h := &helper{t: t, dir: dir, bin: filepath.Join(dir, "server"), modeFile: filepath.Join(dir, "mode"), logs: &syncBuffer{}}
+	h.deploy()
+	h.setMode(modeOK)
+	cfg.Bin, cfg.Dir, cfg.Logs, cfg.Args = h.bin, dir, h.logs, args
+	cfg.Env = append(cfg.Env, raceEnv, "GRACEFUL_TEST_HELPER=1", "GRACEFUL_TEST_MODE_FILE="+h.modeFile)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv, err := loadtest.Start(ctx, cfg)
+	if err != nil {
+		t.Logf("server logs:\n%s", h.logs.String())
+		t.Fatal(err)
+	}
+	h.Server = srv
+	t.Cleanup(func() {
+		srv.Kill()
+		if t.Failed() {
+			t.Logf("server logs:\n%s", h.logs.String())
+		}
+	})
+	return h
+}
+
+// deploy (re)installs the test binary as the server's executable.
+func (h *helper) deploy() {
+	h.t.Helper()
+	self, err := os.Executable()
+	require.NoError(h.t, err)
+	src, err := os.Open(self)
+	require.NoError(h.t, err)
+	defer src.Close()
+	tmp := h.bin + ".new"
+	dst, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	require.NoError(h.t, err)
+	_, err = io.Copy(dst, src)
+	require.NoError(h.t, err)
+	require.NoError(h.t, dst.Close())
+	require.NoError(h.t, os.Rename(tmp, h.bin))
+}
+
+func (h *helper) setMode(mode string) {
+	h.t.Helper()
+	require.NoError(h.t, os.WriteFile(h.modeFile, []byte(mode), 0o644))
+}
+
+// upgradeViaAPI asks the serving process to call Process.Upgrade and
+// returns the error text it reported ("" on success).
+func (h *helper) upgradeViaAPI() string {
+	h.t.Helper()
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Post("http://"+h.Addr+"/upgrade", "", nil)
+	require.NoError(h.t, err)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode == http.StatusOK {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// noChildren waits (bounded) until the serving process has no live child.
+func (h *helper) noChildren() {
+	h.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(loadtest.Children(h.PID())) > 0 {
+		if time.Now().After(deadline) {
+			h.t.Fatalf("process %d still has children %v", h.PID(), loadtest.Children(h.PID()))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// pidOf returns the X-Pid of GET / through c.
+func pidOf(t *testing.T, c *http.Client, url string) int {
+	t.Helper()
+	resp, err := c.Get(url)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	pid, err := strconv.Atoi(resp.Header.Get("X-Pid"))
+	require.NoError(t, err)
+	return pid
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// waitLog waits (bounded) until the logs contain substr.
+func (s *syncBuffer) waitLog(t *testing.T, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(s.String(), substr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("logs never contained %q", substr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// lines returns the log lines containing substr.
+func (s *syncBuffer) lines(substr string) []string {
+	var out []string
+	sc := bufio.NewScanner(strings.NewReader(s.String()))
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), substr) {
+			out = append(out, sc.Text())
+		}
+	}
+	return out
+}

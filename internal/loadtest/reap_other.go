@@ -1,0 +1,17 @@
+//go:build !linux
+
+package loadtest
+
+import "errors"
+
+// BecomeSubreaper is only available on Linux: the harness collects the exit
+// status of every server generation, which needs a subreaper.
+func BecomeSubreaper() error {
+	return errors.New("loadtest: needs Linux (PR_SET_CHILD_SUBREAPER)")
+}
+
+// Children is not implemented outside Linux.
+func Children(pid int) []int { return nil }
+
+// Alive is not implemented outside Linux.
+func Alive(pid int) bool { return false }

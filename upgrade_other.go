@@ -1,0 +1,29 @@
+//go:build !unix
+
+package graceful
+
+import "net"
+
+// platform is empty where descriptors cannot be passed: the process binds
+// its own sockets, serves and drains, but cannot upgrade in place.
+type platform struct{}
+
+func (p *Process) initPlatform() error { return nil }
+
+func (p *Process) hasParent() bool { return false }
+
+func (p *Process) listen(network, addr string) (net.Listener, error) {
+	return bindStream(network, addr)
+}
+
+func (p *Process) listenPacket(network, addr string) (net.PacketConn, error) {
+	return bindPacket(network, addr)
+}
+
+func (p *Process) upgradeAllowed() error { return ErrNotSupported }
+
+func (p *Process) upgrade() error { return ErrNotSupported }
+
+func (p *Process) notifyReady() error { return nil }
+
+func (p *Process) stopPlatform() {}
