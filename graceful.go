@@ -268,7 +268,7 @@ func (p *Process) Run(ctx context.Context) error {
 	bgCtx, cancelBg := context.WithCancel(context.Background())
 	defer cancelBg()
 
-	if err := p.health.waitPass(ctx, p.opts.UpgradeTimeout); err != nil {
+	if err := p.waitChecks(ctx, drainSig); err != nil {
 		p.log.Error("pre-ready checks failed", "err", err)
 		p.closeDraining()
 		p.stopPlatform()
@@ -321,6 +321,30 @@ loop:
 		runErr = fmt.Errorf("graceful: server stopped: %w", runErr)
 	}
 	return errors.Join(runErr, drainErr)
+}
+
+// waitChecks runs the pre-ready checks until they pass, UpgradeTimeout
+// passes, ctx ends or a drain signal arrives.
+func (p *Process) waitChecks(ctx context.Context, drainSig <-chan os.Signal) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var sig os.Signal
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		select {
+		case sig = <-drainSig:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err := p.health.waitPass(ctx, p.opts.UpgradeTimeout)
+	cancel()
+	<-watched
+	if sig != nil {
+		return errors.Join(fmt.Errorf("stopped by signal %v before ready", sig), err)
+	}
+	return err
 }
 
 func (p *Process) declareReady() error {

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/graceful-go/graceful/internal/loadtest"
+)
+
+// TestContract checks the reference server's public contract: endpoints,
+// headers, and the goodbyes its streams get when SIGTERM drains it.
+func TestContract(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
+	require.NoError(t, err)
+	logs, err := os.Create(dir + "/server.log")
+	require.NoError(t, err)
+	defer logs.Close()
+	srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: dir, Logs: logs})
+	require.NoError(t, err)
+	defer srv.Kill()
+	base := "http://" + srv.Addr
+	pid := strconv.Itoa(srv.PID())
+	c := &http.Client{Timeout: 10 * time.Second}
+
+	resp, body := call(t, c, http.MethodGet, base+"/", "")
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Equal(t, "ok", body)
+	assert.Equal(t, pid, resp.Header.Get("X-Pid"))
+
+	resp, body = call(t, c, http.MethodPost, base+"/echo", "hello, world")
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Equal(t, "hello, world", body)
+	assert.Equal(t, pid, resp.Header.Get("X-Pid"))
+
+	start := time.Now()
+	resp, _ = call(t, c, http.MethodGet, base+"/slow?ms=50", "")
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.GreaterOrEqual(t, time.Since(start), 50*time.Millisecond)
+	resp, body = call(t, c, http.MethodGet, base+"/slow?ms=abc", "")
+	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
+	assert.Contains(t, body, "ms must be")
+
+	for _, path := range []string{"/readyz", "/livez"} {
+		resp, body = call(t, c, http.MethodGet, base+path, "")
+		assert.Equal(t, http.StatusOK, resp.StatusCode, path)
+		assert.Equal(t, "ok\n", body, path)
+	}
+
+	// Streams open before the drain.
+	sse, err := c.Get(base + "/sse")
+	require.NoError(t, err)
+	defer sse.Body.Close()
+	assert.Equal(t, "text/event-stream", sse.Header.Get("Content-Type"))
+	events := bufio.NewScanner(sse.Body)
+	require.True(t, events.Scan())
+	assert.Equal(t, "data: tick", events.Text())
+
+	ws, _, err := websocket.DefaultDialer.Dial("ws://"+srv.Addr+"/ws", nil)
+	require.NoError(t, err)
+	defer ws.Close()
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte("ping")))
+	_, msg, err := ws.ReadMessage()
+	require.NoError(t, err)
+	assert.Equal(t, "ping", string(msg))
+
+	// A keep-alive connection, idle when the drain starts.
+	keep, err := net.Dial("tcp", srv.Addr)
+	require.NoError(t, err)
+	defer keep.Close()
+	kr := bufio.NewReader(keep)
+	getOn(t, keep, kr, "/livez")
+
+	require.NoError(t, srv.Signal(syscall.SIGTERM))
+
+	// SSE: ticks, then the reconnect event, then the end of the stream.
+	reconnect := false
+	for events.Scan() {
+		if events.Text() == "event: reconnect" {
+			reconnect = true
+		}
+	}
+	assert.NoError(t, events.Err())
+	assert.True(t, reconnect, "SSE stream ended with event: reconnect")
+
+	// The idle connection may carry one more request: readiness is 503 and
+	// the response asks the client to close.
+	r := getOn(t, keep, kr, "/readyz")
+	assert.Equal(t, http.StatusServiceUnavailable, r.StatusCode)
+	assert.True(t, r.Close, "Connection: close while draining")
+
+	// WebSocket: close frame 1012.
+	_, _, err = ws.ReadMessage()
+	assert.True(t, websocket.IsCloseError(err, websocket.CloseServiceRestart), "WebSocket closed with 1012: %v", err)
+
+	code, err := srv.WaitExit(ctx, srv.PID())
+	require.NoError(t, err)
+	assert.Equal(t, 0, code, "SIGTERM exits 0")
+	_, err = os.Stat(srv.PIDFile)
+	assert.True(t, os.IsNotExist(err), "PID file removed after a drain without successor")
+}
+
+func call(t *testing.T, c *http.Client, method, url, body string) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	require.NoError(t, err)
+	resp, err := c.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return resp, string(b)
+}
+
+func getOn(t *testing.T, conn net.Conn, r *bufio.Reader, path string) *http.Response {
+	t.Helper()
+	_, err := io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: test\r\n\r\n")
+	require.NoError(t, err)
+	resp, err := http.ReadResponse(r, nil)
+	require.NoError(t, err)
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp
+}
