@@ -61,6 +61,21 @@ type Options struct {
 	// [DefaultIdleGrace]; it never extends past DrainTimeout.
 	IdleGrace time.Duration
 
+	// DrainDelay is how long, after a drain signal or ctx ends, the process
+	// keeps accepting and serving with readiness already failing, so load
+	// balancers and kube-proxy stop routing to it before the listener
+	// closes. A second drain signal ends it early. Upgrades skip it: the
+	// successor shares the socket. Zero means no delay.
+	DrainDelay time.Duration
+
+	// CheckTimeout bounds each call of a health check. Zero means
+	// [DefaultCheckTimeout].
+	CheckTimeout time.Duration
+
+	// CheckCache is how long the readiness probe reuses a check's result.
+	// Zero means [DefaultCheckCache]; negative means never reuse.
+	CheckCache time.Duration
+
 	// PIDFile, when set, is written atomically with this process's PID once
 	// it is ready, and removed when it drains without a successor. Its
 	// directory must exist and be writable; [New] checks.
@@ -117,8 +132,14 @@ var created atomic.Bool
 // traps no signal. New may be called once per process; a second call returns
 // an error.
 func New(opts Options) (*Process, error) {
-	if opts.UpgradeTimeout < 0 || opts.DrainTimeout < 0 || opts.IdleGrace < 0 {
-		return nil, errors.New("graceful: negative timeout in Options")
+	if opts.UpgradeTimeout < 0 || opts.DrainTimeout < 0 || opts.IdleGrace < 0 || opts.DrainDelay < 0 || opts.CheckTimeout < 0 {
+		return nil, errors.New("graceful: negative duration in Options (UpgradeTimeout, DrainTimeout, IdleGrace, DrainDelay, CheckTimeout)")
+	}
+	if opts.CheckTimeout == 0 {
+		opts.CheckTimeout = DefaultCheckTimeout
+	}
+	if opts.CheckCache == 0 {
+		opts.CheckCache = DefaultCheckCache
 	}
 	if opts.UpgradeTimeout == 0 {
 		opts.UpgradeTimeout = DefaultUpgradeTimeout
@@ -156,7 +177,7 @@ func New(opts Options) (*Process, error) {
 		opts: opts,
 		log:  logger.With("pid", os.Getpid()), // two generations share a log
 
-		health:    newHealth(),
+		health:    newHealth(opts.CheckTimeout, opts.CheckCache),
 		exitC:     make(chan struct{}),
 		readyC:    make(chan struct{}),
 		drainingC: make(chan struct{}),
@@ -313,6 +334,9 @@ loop:
 			break loop
 		}
 	}
+	if reason != "upgraded" && reason != "a server stopped" {
+		p.delayDrain(drainSig)
+	}
 	drainErr := p.drain(reason)
 	p.mu.Lock()
 	runErr := p.exitErr
@@ -360,6 +384,25 @@ func (p *Process) declareReady() error {
 	close(p.readyC)
 	p.log.Info("ready", "inherited", p.hasParent())
 	return nil
+}
+
+// delayDrain fails readiness and keeps serving for DrainDelay, so that load
+// balancers stop sending traffic before the listener closes.
+func (p *Process) delayDrain(drainSig <-chan os.Signal) {
+	if p.opts.DrainDelay <= 0 {
+		return
+	}
+	p.health.setDraining()
+	p.log.Info("readiness failing; serving on before the drain", "delay", p.opts.DrainDelay)
+	t := time.NewTimer(p.opts.DrainDelay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case sig := <-drainSig:
+		p.log.Info("second drain signal: draining now", "signal", sig.String())
+	case <-p.upgradedC:
+	case <-p.exitC:
+	}
 }
 
 func (p *Process) closeDraining() {
@@ -447,7 +490,7 @@ func (p *Process) Upgrade(ctx context.Context) error {
 			p.upgrading.Store(false)
 		}
 	}()
-	if p.isDraining() {
+	if p.isDraining() || p.health.draining.Load() {
 		return ErrDraining
 	}
 	if err := p.upgradeAllowed(); err != nil {

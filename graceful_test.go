@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -314,4 +316,80 @@ func TestDrainDeadlineClosesHijacked(t *testing.T) {
 	_, err = r.ReadByte()
 	assert.Error(t, err, "connection closed by the drain deadline")
 	h.logs.waitLog(t, "hijacked connections force-closed")
+}
+
+// TestDrainDelayForLoadBalancers plays kubelet and load balancer: the
+// balancer routes traffic while /readyz says 200; on SIGTERM readiness turns
+// 503 while the listener still accepts, the balancer stops routing, and no
+// request fails.
+func TestDrainDelayForLoadBalancers(t *testing.T) {
+	h := startHelper(t, []string{"-drain-delay", "700ms"}, loadtest.Config{})
+	base := "http://" + h.Addr
+	fresh := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	var routing atomic.Bool
+	routing.Store(true)
+
+	var wg sync.WaitGroup
+	var served, failed atomic.Int32
+	for range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for routing.Load() {
+				resp, err := fresh.Get(base + "/")
+				if err != nil {
+					failed.Add(1)
+					t.Logf("request failed: %v", err)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					failed.Add(1)
+				} else {
+					served.Add(1)
+				}
+			}
+		}()
+	}
+	waitFor(t, func() bool { return served.Load() > 20 })
+
+	require.NoError(t, h.Signal(syscall.SIGTERM))
+	saw503, refused := 0, false
+	deadline := time.Now().Add(10 * time.Second)
+	for !refused && time.Now().Before(deadline) {
+		resp, err := fresh.Get(base + "/readyz")
+		switch {
+		case err != nil:
+			assert.ErrorIs(t, err, syscall.ECONNREFUSED)
+			refused = true
+		case resp.StatusCode == http.StatusServiceUnavailable:
+			resp.Body.Close()
+			saw503++
+			routing.Store(false) // the balancer takes the pod out of rotation
+		default:
+			resp.Body.Close()
+			require.Zero(t, saw503, "readiness came back after turning 503")
+		}
+		time.Sleep(20 * time.Millisecond) // the probe period
+	}
+	routing.Store(false)
+	wg.Wait()
+	assert.True(t, refused, "the listener closed in the end")
+	assert.Greater(t, saw503, 1, "readiness answered 503 while the listener still accepted")
+	assert.Zero(t, failed.Load(), "requests failed")
+	code, err := h.WaitExit(context.Background(), h.PID())
+	require.NoError(t, err)
+	assert.Equal(t, 0, code)
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in 10s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -69,10 +69,11 @@ func helperMain() int {
 	udpAddr := fs.String("udp", "", "also echo UDP datagrams on this address")
 	upgradeTimeout := fs.Duration("upgrade-timeout", 3*time.Second, "")
 	drainTimeout := fs.Duration("drain-timeout", 5*time.Second, "")
+	drainDelay := fs.Duration("drain-delay", 0, "")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
-	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout}
+	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay}
 	if mode == modeCheckFail {
 		opts.UpgradeTimeout = time.Hour // the parent's timeout must be what ends it
 	}

@@ -36,6 +36,7 @@ func main() {
 	pidfile := flag.String("pidfile", "", "write the PID of the serving process here")
 	drain := flag.Duration("drain-timeout", graceful.DefaultDrainTimeout, "hard deadline of a drain")
 	upgrade := flag.Duration("upgrade-timeout", graceful.DefaultUpgradeTimeout, "how long a new process may take to become ready")
+	delay := flag.Duration("drain-delay", 0, "on SIGTERM, fail readiness and keep serving this long before draining")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: %s [flags]\n\nReference server for graceful: SIGHUP upgrades in place, SIGTERM drains.\n\n", os.Args[0])
 		flag.PrintDefaults()
@@ -43,19 +44,21 @@ func main() {
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	if err := run(log, *addr, *pidfile, *drain, *upgrade); err != nil {
+	opts := graceful.Options{
+		Logger:         log,
+		PIDFile:        *pidfile,
+		DrainTimeout:   *drain,
+		UpgradeTimeout: *upgrade,
+		DrainDelay:     *delay,
+	}
+	if err := run(opts, *addr); err != nil {
 		log.Error("exiting", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(log *slog.Logger, addr, pidfile string, drain, upgrade time.Duration) error {
-	p, err := graceful.New(graceful.Options{
-		Logger:         log,
-		PIDFile:        pidfile,
-		DrainTimeout:   drain,
-		UpgradeTimeout: upgrade,
-	})
+func run(opts graceful.Options, addr string) error {
+	p, err := graceful.New(opts)
 	if err != nil {
 		return err
 	}
