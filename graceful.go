@@ -23,6 +23,10 @@ const (
 	DefaultIdleGrace      = time.Second
 )
 
+// drainMargin is what a drain may take past DrainTimeout: closing what is
+// left and returning.
+const drainMargin = 5 * time.Second
+
 // Errors callers may branch on. Every other error is wrapped under the
 // "graceful:" prefix.
 var (
@@ -306,6 +310,16 @@ func (p *Process) Run(ctx context.Context) error {
 		p.log.Error("declaring ready failed", "err", err)
 		return errors.Join(err, p.drain("ready failed"))
 	}
+	stopWatchdog := make(chan struct{})
+	watchdogDone := make(chan struct{})
+	go func() {
+		defer close(watchdogDone)
+		p.watchdog(stopWatchdog)
+	}()
+	defer func() {
+		close(stopWatchdog)
+		<-watchdogDone
+	}()
 
 	var reason string
 loop:
@@ -383,6 +397,13 @@ func (p *Process) declareReady() error {
 	p.health.setReady()
 	close(p.readyC)
 	p.log.Info("ready", "inherited", p.hasParent())
+	if p.hasParent() {
+		// Allowed with NotifyAccess=all; with a PID file the parent, still
+		// the main process, sends the same.
+		p.notify("MAINPID="+strconv.Itoa(os.Getpid()), "READY=1", status("serving (pid %d, upgraded)", os.Getpid()))
+	} else {
+		p.notify("READY=1", status("serving (pid %d)", os.Getpid()))
+	}
 	return nil
 }
 
@@ -394,6 +415,8 @@ func (p *Process) delayDrain(drainSig <-chan os.Signal) {
 	}
 	p.health.setDraining()
 	p.log.Info("readiness failing; serving on before the drain", "delay", p.opts.DrainDelay)
+	p.notify("STOPPING=1", status("readiness failing, draining in %v", p.opts.DrainDelay),
+		extendTimeout(p.opts.DrainDelay+p.opts.DrainTimeout+drainMargin))
 	t := time.NewTimer(p.opts.DrainDelay)
 	defer t.Stop()
 	select {
@@ -417,6 +440,9 @@ func (p *Process) drain(reason string) error {
 	start := time.Now()
 	upgraded := p.isUpgraded()
 	p.log.Info("draining", "reason", reason, "timeout", p.opts.DrainTimeout)
+	if !upgraded {
+		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
+	}
 	p.closeDraining()
 	// Cancels an upgrade still in progress (its child is killed) and
 	// releases the descriptors kept for children.
@@ -503,6 +529,7 @@ func (p *Process) Upgrade(ctx context.Context) error {
 	}
 	start := time.Now()
 	p.log.Info("upgrade starting")
+	p.notify("RELOADING=1", monotonicUsec(), status("upgrading: starting a new process"))
 	result := make(chan error, 1)
 	release = false
 	p.upgrades.Add(1)
@@ -513,8 +540,12 @@ func (p *Process) Upgrade(ctx context.Context) error {
 		if err == nil {
 			p.upgradedOnce.Do(func() { close(p.upgradedC) })
 			p.log.Info("upgrade done: new process ready", "took", time.Since(start).Round(time.Millisecond))
+			if pid := p.successorPID(); pid != 0 {
+				p.notify("MAINPID="+strconv.Itoa(pid), "READY=1", status("upgraded to pid %d; pid %d draining", pid, os.Getpid()))
+			}
 		} else {
 			err = fmt.Errorf("graceful: upgrade: %w", err)
+			p.notify("READY=1", status("upgrade failed, still serving (pid %d): %v", os.Getpid(), err))
 		}
 		result <- err
 	}()
@@ -560,6 +591,23 @@ func writePIDFile(path string) error {
 		return fmt.Errorf("graceful: write PID file: %w", err)
 	}
 	return nil
+}
+
+// successorPID is the PID the PID file names once a successor is ready, or
+// 0 without a PID file.
+func (p *Process) successorPID() int {
+	if p.opts.PIDFile == "" {
+		return 0
+	}
+	b, err := os.ReadFile(p.opts.PIDFile)
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid == os.Getpid() {
+		return 0
+	}
+	return pid
 }
 
 // removePIDFile removes path only while it still names this process.
