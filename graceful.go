@@ -516,7 +516,7 @@ func (p *Process) Upgrade(ctx context.Context) error {
 			p.upgrading.Store(false)
 		}
 	}()
-	if p.isDraining() || p.health.draining.Load() {
+	if p.health.draining.Load() { // set by DrainDelay and by the drain itself
 		return ErrDraining
 	}
 	if err := p.upgradeAllowed(); err != nil {
@@ -599,12 +599,20 @@ func (p *Process) successorPID() int {
 	if p.opts.PIDFile == "" {
 		return 0
 	}
-	b, err := os.ReadFile(p.opts.PIDFile)
+	if pid := readPIDFile(p.opts.PIDFile); pid != os.Getpid() {
+		return pid
+	}
+	return 0
+}
+
+// readPIDFile returns the PID that path names, or 0.
+func readPIDFile(path string) int {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid == os.Getpid() {
+	if err != nil {
 		return 0
 	}
 	return pid
@@ -612,11 +620,7 @@ func (p *Process) successorPID() int {
 
 // removePIDFile removes path only while it still names this process.
 func removePIDFile(path string) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return
-	}
-	if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid == os.Getpid() {
+	if readPIDFile(path) == os.Getpid() {
 		os.Remove(path)
 	}
 }
