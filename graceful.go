@@ -85,6 +85,13 @@ type Options struct {
 	// directory must exist and be writable; [New] checks.
 	PIDFile string
 
+	// ControlSocket, when set, is the path of a Unix socket (mode 0600,
+	// kept across upgrades) on which [Control] and the gracefulctl command
+	// request an upgrade and learn its outcome: the truthful ExecReload= for
+	// systemd. Only a peer with this process's user ID is answered. Linux
+	// only; elsewhere [New] returns an error.
+	ControlSocket string
+
 	// UpgradeSignals trigger [Process.Upgrade] while [Process.Run] runs.
 	// Nil means SIGHUP; a non-nil empty slice means none.
 	UpgradeSignals []os.Signal
@@ -166,7 +173,20 @@ func New(opts Options) (*Process, error) {
 			return nil, fmt.Errorf("graceful: PID file %q: %w", opts.PIDFile, err)
 		}
 		opts.PIDFile = abs
-		if err := checkPIDDir(abs); err != nil {
+		if err := checkDir("PID file", abs); err != nil {
+			return nil, err
+		}
+	}
+	if opts.ControlSocket != "" {
+		if !peerCredSupported {
+			return nil, fmt.Errorf("graceful: ControlSocket %q: %w (it needs Linux peer credentials)", opts.ControlSocket, ErrNotSupported)
+		}
+		abs, err := filepath.Abs(opts.ControlSocket)
+		if err != nil {
+			return nil, fmt.Errorf("graceful: ControlSocket %q: %w", opts.ControlSocket, err)
+		}
+		opts.ControlSocket = abs
+		if err := checkDir("control socket", abs); err != nil {
 			return nil, err
 		}
 	}
@@ -190,6 +210,12 @@ func New(opts Options) (*Process, error) {
 	if err := p.initPlatform(); err != nil {
 		created.Store(false)
 		return nil, err
+	}
+	if opts.ControlSocket != "" {
+		if err := p.listenControl(opts.ControlSocket); err != nil {
+			p.stopPlatform() // tableflip allows one Upgrader per process: New cannot be retried
+			return nil, err
+		}
 	}
 	return p, nil
 }
@@ -557,11 +583,13 @@ func (p *Process) Upgrade(ctx context.Context) error {
 	}
 }
 
-func checkPIDDir(path string) error {
+// checkDir fails when the directory that will hold path is missing or not
+// writable, so New reports it instead of a failure after start-up.
+func checkDir(what, path string) error {
 	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".graceful-pid-check-*")
+	f, err := os.CreateTemp(dir, ".graceful-check-*")
 	if err != nil {
-		return fmt.Errorf("graceful: PID file directory %s is not writable: %w", dir, err)
+		return fmt.Errorf("graceful: %s directory %s is not writable: %w", what, dir, err)
 	}
 	name := f.Name()
 	f.Close()

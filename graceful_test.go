@@ -118,8 +118,7 @@ func TestRollback(t *testing.T) {
 		{"missing", func(h *helper) { require.NoError(h.t, os.Remove(h.bin)) }, "no such file"},
 		{"not executable", func(h *helper) { require.NoError(h.t, os.Chmod(h.bin, 0o644)) }, "permission denied"},
 		{"garbage", func(h *helper) {
-			require.NoError(h.t, os.WriteFile(h.bin+".new", []byte("\x7fELF garbage"), 0o755))
-			require.NoError(h.t, os.Rename(h.bin+".new", h.bin))
+			require.NoError(h.t, loadtest.WriteExecutable(h.bin, strings.NewReader("\x7fELF garbage")))
 		}, "exec format error"},
 	}
 	for _, tc := range cases {
@@ -128,6 +127,7 @@ func TestRollback(t *testing.T) {
 			h := startHelper(t, []string{"-upgrade-timeout", "2s"}, loadtest.Config{})
 			load := loadtest.StartLoad(h.Addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Pause: 5 * time.Millisecond})
 			old := h.PID()
+			waitRequests(t, load, 50) // traffic flows before the attempt
 			tc.deploy(h)
 			errText := h.upgradeViaAPI()
 			stats := load.Stop()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -33,7 +34,24 @@ func TestMain(m *testing.M) {
 	if os.Getenv("GRACEFUL_TEST_HELPER") != "" {
 		os.Exit(helperMain())
 	}
+	if os.Getenv("GRACEFUL_TEST_CONTROL_CLIENT") != "" {
+		os.Exit(controlClientMain())
+	}
 	os.Exit(m.Run())
+}
+
+// controlClientMain runs in a subprocess started by a test (as another
+// user): it sends one control command and prints the outcome.
+func controlClientMain() int {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	msg, err := graceful.Control(ctx, os.Getenv("GRACEFUL_TEST_CONTROL_CLIENT"), graceful.ControlUpgrade)
+	if err != nil {
+		fmt.Println("error:", err)
+		return 1
+	}
+	fmt.Println("ok:", msg)
+	return 0
 }
 
 // Modes of a helper generation, read from GRACEFUL_TEST_MODE_FILE at start.
@@ -70,10 +88,11 @@ func helperMain() int {
 	upgradeTimeout := fs.Duration("upgrade-timeout", 3*time.Second, "")
 	drainTimeout := fs.Duration("drain-timeout", 5*time.Second, "")
 	drainDelay := fs.Duration("drain-delay", 0, "")
+	control := fs.String("control", "", "")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
-	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay}
+	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, ControlSocket: *control}
 	if mode == modeCheckFail {
 		opts.UpgradeTimeout = time.Hour // the parent's timeout must be what ends it
 	}
@@ -231,13 +250,7 @@ func (h *helper) deploy() {
 	src, err := os.Open(self)
 	require.NoError(h.t, err)
 	defer src.Close()
-	tmp := h.bin + ".new"
-	dst, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
-	require.NoError(h.t, err)
-	_, err = io.Copy(dst, src)
-	require.NoError(h.t, err)
-	require.NoError(h.t, dst.Close())
-	require.NoError(h.t, os.Rename(tmp, h.bin))
+	require.NoError(h.t, loadtest.WriteExecutable(h.bin, src))
 }
 
 func (h *helper) setMode(mode string) {

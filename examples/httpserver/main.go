@@ -13,6 +13,10 @@
 //	GET  /readyz    200 while ready, 503 while draining
 //	GET  /livez     200
 //	SIGHUP upgrades in place; SIGTERM drains and exits 0.
+//
+// Further flags: -drain-timeout, -upgrade-timeout, -drain-delay, and
+// -control path (a control socket for gracefulctl: "upgrade" answers with
+// the outcome).
 package main
 
 import (
@@ -37,6 +41,7 @@ func main() {
 	drain := flag.Duration("drain-timeout", graceful.DefaultDrainTimeout, "hard deadline of a drain")
 	upgrade := flag.Duration("upgrade-timeout", graceful.DefaultUpgradeTimeout, "how long a new process may take to become ready")
 	delay := flag.Duration("drain-delay", 0, "on SIGTERM, fail readiness and keep serving this long before draining")
+	control := flag.String("control", "", "serve a control socket at this path (gracefulctl -socket PATH upgrade)")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: %s [flags]\n\nReference server for graceful: SIGHUP upgrades in place, SIGTERM drains.\n\n", os.Args[0])
 		flag.PrintDefaults()
@@ -50,6 +55,7 @@ func main() {
 		DrainTimeout:   *drain,
 		UpgradeTimeout: *upgrade,
 		DrainDelay:     *delay,
+		ControlSocket:  *control,
 	}
 	if err := run(opts, *addr); err != nil {
 		log.Error("exiting", "err", err)

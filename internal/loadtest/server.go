@@ -313,3 +313,26 @@ func signalPID(pid int, sig os.Signal) error {
 // ErrNotExited is returned by WaitExit when the process outlives ctx; it
 // has then been killed.
 var ErrNotExited = errors.New("process did not exit in time (killed)")
+
+// WriteExecutable installs content as the executable at path, atomically
+// (a temporary file renamed over it). It holds syscall.ForkLock while the
+// file is open for writing: a process forked meanwhile would hold the
+// descriptor until its exec, and exec'ing path would then fail with "text
+// file busy" (golang/go#22315).
+func WriteExecutable(path string, content io.Reader) error {
+	tmp := path + ".new"
+	syscall.ForkLock.Lock()
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err == nil {
+		_, err = io.Copy(f, content)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	syscall.ForkLock.Unlock()
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return os.Rename(tmp, path)
+}
