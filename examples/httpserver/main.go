@@ -35,13 +35,26 @@ import (
 	"github.com/graceful-go/graceful"
 )
 
+// config is what the command line sets.
+type config struct {
+	addr, pidfile, control string
+	drain, upgrade, delay  time.Duration
+}
+
+// defineFlags defines the reference server's flags on fs.
+func defineFlags(fs *flag.FlagSet) *config {
+	c := &config{}
+	fs.StringVar(&c.addr, "addr", "127.0.0.1:8080", "TCP address to serve on")
+	fs.StringVar(&c.pidfile, "pidfile", "", "write the PID of the serving process here")
+	fs.DurationVar(&c.drain, "drain-timeout", graceful.DefaultDrainTimeout, "hard deadline of a drain")
+	fs.DurationVar(&c.upgrade, "upgrade-timeout", graceful.DefaultUpgradeTimeout, "how long a new process may take to become ready")
+	fs.DurationVar(&c.delay, "drain-delay", 0, "on SIGTERM, fail readiness and keep serving this long before draining")
+	fs.StringVar(&c.control, "control", "", "serve a control socket at this path (gracefulctl -socket PATH upgrade)")
+	return c
+}
+
 func main() {
-	addr := flag.String("addr", "127.0.0.1:8080", "TCP address to serve on")
-	pidfile := flag.String("pidfile", "", "write the PID of the serving process here")
-	drain := flag.Duration("drain-timeout", graceful.DefaultDrainTimeout, "hard deadline of a drain")
-	upgrade := flag.Duration("upgrade-timeout", graceful.DefaultUpgradeTimeout, "how long a new process may take to become ready")
-	delay := flag.Duration("drain-delay", 0, "on SIGTERM, fail readiness and keep serving this long before draining")
-	control := flag.String("control", "", "serve a control socket at this path (gracefulctl -socket PATH upgrade)")
+	c := defineFlags(flag.CommandLine)
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: %s [flags]\n\nReference server for graceful: SIGHUP upgrades in place, SIGTERM drains.\n\n", os.Args[0])
 		flag.PrintDefaults()
@@ -51,13 +64,13 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	opts := graceful.Options{
 		Logger:         log,
-		PIDFile:        *pidfile,
-		DrainTimeout:   *drain,
-		UpgradeTimeout: *upgrade,
-		DrainDelay:     *delay,
-		ControlSocket:  *control,
+		PIDFile:        c.pidfile,
+		DrainTimeout:   c.drain,
+		UpgradeTimeout: c.upgrade,
+		DrainDelay:     c.delay,
+		ControlSocket:  c.control,
 	}
-	if err := run(opts, *addr); err != nil {
+	if err := run(opts, c.addr); err != nil {
 		log.Error("exiting", "err", err)
 		os.Exit(1)
 	}
