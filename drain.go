@@ -5,21 +5,28 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"time"
 )
 
 // Serve registers srv to serve HTTP on ln when [Process.Run] starts, and to
 // be drained when the process drains. It sets hooks on srv (BaseContext,
 // ConnState, Handler), keeping the caller's own; call it before srv starts
-// and do not start srv yourself.
+// and do not start srv yourself. For HTTPS set srv.TLSConfig (with its
+// certificates) and pass the plain listener: Serve then serves TLS on it,
+// HTTP/2 included. Do not wrap ln in [crypto/tls.NewListener] yourself, or the
+// connections cannot be tracked under TLS.
 //
 // The drain, bounded by [Options.DrainTimeout]:
 //  1. ln stops accepting (in an upgrade the successor keeps accepting on the
 //     same socket) and requests see [Process.Draining] closed;
-//  2. every response now carries "Connection: close", and idle keep-alive
-//     connections may carry one more request for [Options.IdleGrace];
-//  3. the connections still idle are closed and in-flight requests finish
-//     ([http.Server.Shutdown]);
-//  4. hijacked connections (WebSocket, SSE via hijack, ...) are waited for;
+//  2. every HTTP/1 response now carries "Connection: close"; a keep-alive
+//     connection that goes idle may carry one more request for
+//     [Options.IdleGrace], and one that stays idle through it is retired
+//     with a FIN (after a TLS close_notify) and a short read-drain, never a
+//     reset and never while a request is arriving;
+//  3. once no response can offer keep-alive any more, HTTP/2 connections
+//     get GOAWAY and in-flight requests finish ([http.Server.Shutdown]);
+//  4. hijacked connections (WebSocket, ...) are waited for;
 //  5. at the deadline whatever is left is force-closed, hijacked connections
 //     included, like [http.Server.Close].
 func (p *Process) Serve(srv *http.Server, ln net.Listener) {
@@ -64,25 +71,38 @@ type httpServer struct {
 }
 
 func (s *httpServer) run() error {
-	err := s.srv.Serve(s.ln)
+	var err error
+	if s.srv.TLSConfig != nil {
+		// net/http wraps our listener in TLS itself, so it sees *tls.Conn
+		// (ALPN, HTTP/2) and we still track the TCP connection under it.
+		err = s.srv.ServeTLS(s.ln, "", "")
+	} else {
+		err = s.srv.Serve(s.ln)
+	}
 	if errors.Is(err, http.ErrServerClosed) || (s.p.isDraining() && errors.Is(err, net.ErrClosed)) {
 		return nil
 	}
 	return err
 }
 
+// lingerTimeout bounds the read-drain of a retired connection: how long,
+// after our FIN, we wait for the peer to close before closing ourselves.
+const lingerTimeout = 500 * time.Millisecond
+
 func (s *httpServer) stop(ctx context.Context) error {
 	log := s.p.log
 	s.ln.Close()
-
-	graceCtx, cancel := context.WithTimeout(ctx, s.p.opts.IdleGrace)
-	idle := func() bool { return s.t.count(http.StateIdle, http.StateNew) == 0 }
-	err := s.t.waitUntil(graceCtx, idle)
-	cancel()
-	if err != nil {
-		log.Debug("idle grace over", "idle", s.t.count(http.StateIdle, http.StateNew))
+	s.t.startDrain()
+	if err := s.retireKeepAlive(ctx); err != nil {
+		n := s.t.count()
+		s.srv.Close()
+		s.t.closeAll()
+		log.Warn("drain deadline: connections force-closed", "conns", n)
+		return nil
 	}
-
+	// Every HTTP/1 connection now ends after its current response; HTTP/2
+	// connections get GOAWAY and finish their streams.
+	log.Debug("keep-alive retired; shutting down", "conns", s.t.count())
 	if err := s.srv.Shutdown(ctx); err != nil {
 		n := s.t.count()
 		s.srv.Close()
@@ -92,9 +112,116 @@ func (s *httpServer) stop(ctx context.Context) error {
 	}
 	// Shutdown does not wait for hijacked connections; their handlers got
 	// Draining() and have until the deadline to say goodbye.
+	log.Debug("shut down; waiting for hijacked connections", "conns", s.t.count())
 	if err := s.t.waitUntil(ctx, func() bool { return s.t.count() == 0 }); err != nil {
 		n := s.t.closeAll()
 		log.Warn("drain deadline: hijacked connections force-closed", "conns", n)
 	}
 	return nil
+}
+
+// startDrain marks the connections whose current response may still offer
+// keep-alive: their handlers started before the drain, so the response may
+// lack "Connection: close".
+func (t *tracker) startDrain() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.draining = true
+	t.drainStart = time.Now()
+	for c := range t.conns {
+		c.preDrain = c.state == http.StateActive && !c.h2.Load()
+	}
+	t.notifyLocked()
+}
+
+// retireKeepAlive ends HTTP/1 keep-alive without the race of
+// [http.Server.Shutdown], which closes idle connections at once while a
+// client may be writing its next request on them, and closes those that
+// just sent a keep-alive response. Instead, an idle connection may carry
+// one more request (answered with "Connection: close") for IdleGrace after
+// it went idle or the drain started; one that stays idle through it is
+// retired: FIN, then a short read-drain. It returns once no connection can
+// still get a keep-alive response, so Shutdown closes nothing a client may
+// reuse.
+func (s *httpServer) retireKeepAlive(ctx context.Context) error {
+	grace := s.p.opts.IdleGrace
+	timer := time.NewTimer(grace)
+	defer timer.Stop()
+	for {
+		s.t.mu.Lock()
+		changed := s.t.changed
+		now := time.Now()
+		var due []*trackedConn
+		var next time.Time
+		for c := range s.t.conns {
+			if c.h2.Load() || c.lingering.Load() {
+				continue
+			}
+			switch c.state {
+			case http.StateActive:
+				if c.preDrain {
+					next = now.Add(grace) // wait for its state change
+				}
+			case http.StateIdle, http.StateNew:
+				if c.rstate.Load() != readNone {
+					// A request is arriving; it gets "Connection: close". Wait
+					// until net/http sees it (StateActive), or Shutdown would
+					// close the still idle-looking connection under it.
+					if c.state == http.StateIdle {
+						next = now.Add(grace)
+					}
+					continue
+				}
+				at := c.since
+				if at.Before(s.t.drainStart) {
+					at = s.t.drainStart
+				}
+				at = at.Add(grace)
+				if !at.After(now) {
+					due = append(due, c)
+				} else if next.IsZero() || at.Before(next) {
+					next = at
+				}
+			}
+		}
+		s.t.mu.Unlock()
+		for _, c := range due {
+			c.retire()
+		}
+		if len(due) > 0 {
+			continue
+		}
+		if next.IsZero() {
+			return nil
+		}
+		timer.Reset(time.Until(next))
+		select {
+		case <-changed:
+		case <-timer.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// retire says goodbye to an idle HTTP/1 connection: TLS close_notify, FIN,
+// then a read-drain that discards anything the peer still sends, so no
+// request starts and the close sends no RST. It does nothing, and returns
+// false, if bytes of a request arrived first.
+func (c *trackedConn) retire() bool {
+	if !c.rstate.CompareAndSwap(readNone, readRetired) {
+		return false
+	}
+	c.lingering.Store(true)
+	c.t.mu.Lock()
+	tlsConn := c.tls
+	c.t.mu.Unlock()
+	if tlsConn != nil {
+		tlsConn.CloseWrite()
+	}
+	c.CloseWrite()
+	c.Conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+	// Closes it if no reader is left to see the read-drain end.
+	time.AfterFunc(2*lingerTimeout, func() { c.closeNow() })
+	return true
 }

@@ -3,11 +3,18 @@ package graceful_test
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -88,11 +95,14 @@ func helperMain() int {
 	upgradeTimeout := fs.Duration("upgrade-timeout", 3*time.Second, "")
 	drainTimeout := fs.Duration("drain-timeout", 5*time.Second, "")
 	drainDelay := fs.Duration("drain-delay", 0, "")
+	idleGrace := fs.Duration("idle-grace", 0, "")
 	control := fs.String("control", "", "")
+	h2c := fs.Bool("h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
+	useTLS := fs.Bool("tls", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
-	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, ControlSocket: *control}
+	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, IdleGrace: *idleGrace, ControlSocket: *control}
 	if mode == modeCheckFail {
 		opts.UpgradeTimeout = time.Hour // the parent's timeout must be what ends it
 	}
@@ -118,8 +128,22 @@ func helperMain() int {
 		log.Error("listen", "err", err)
 		return 1
 	}
-	mux := helperMux(p)
-	p.Serve(&http.Server{Handler: mux}, ln)
+	mux := helperMux(p, log)
+	srv := &http.Server{Handler: mux}
+	if *h2c {
+		srv.Protocols = new(http.Protocols)
+		srv.Protocols.SetHTTP1(true)
+		srv.Protocols.SetUnencryptedHTTP2(true)
+	}
+	if *useTLS {
+		cert, err := selfSigned()
+		if err != nil {
+			log.Error("certificate", "err", err)
+			return 1
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
+	p.Serve(srv, ln)
 	if *unixPath != "" {
 		uln, err := p.Listen("unix", *unixPath)
 		if err != nil {
@@ -143,7 +167,7 @@ func helperMain() int {
 	return 0
 }
 
-func helperMux(p *graceful.Process) *http.ServeMux {
+func helperMux(p *graceful.Process, log *slog.Logger) *http.ServeMux {
 	pid := strconv.Itoa(os.Getpid())
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
@@ -153,6 +177,14 @@ func helperMux(p *graceful.Process) *http.ServeMux {
 	mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Pid", pid)
 		io.Copy(w, r.Body)
+	})
+	// /slow?ms=N logs that it started, then answers after N ms.
+	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		log.Info("slow request started")
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		w.Header().Set("X-Pid", pid)
+		io.WriteString(w, "ok")
 	})
 	// /env runs a real subprocess and returns the environment it got.
 	mux.HandleFunc("GET /env", func(w http.ResponseWriter, r *http.Request) {
@@ -337,4 +369,27 @@ func (s *syncBuffer) lines(substr string) []string {
 		}
 	}
 	return out
+}
+
+// selfSigned returns a fresh certificate for 127.0.0.1; clients in the
+// tests do not verify it.
+func selfSigned() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "graceful test"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }

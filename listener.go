@@ -1,7 +1,9 @@
 package graceful
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -124,16 +127,19 @@ func sameIPPort(wantIP net.IP, wantPort int, haveIP net.IP, havePort int) bool {
 	return wantIP.Equal(haveIP)
 }
 
-// tracker holds every connection accepted through one served listener, with
-// its last HTTP state. It is the single place connections are counted.
+// tracker holds every connection accepted through one served listener. It
+// is the single place connections are counted; their HTTP state, kept on
+// each trackedConn, is guarded by mu.
 type tracker struct {
-	mu      sync.Mutex
-	conns   map[*trackedConn]http.ConnState
-	changed chan struct{} // closed and replaced on every change
+	mu         sync.Mutex
+	conns      map[*trackedConn]struct{}
+	changed    chan struct{} // closed and replaced on every change
+	draining   bool
+	drainStart time.Time
 }
 
 func newTracker() *tracker {
-	return &tracker{conns: make(map[*trackedConn]http.ConnState), changed: make(chan struct{})}
+	return &tracker{conns: make(map[*trackedConn]struct{}), changed: make(chan struct{})}
 }
 
 func (t *tracker) notifyLocked() {
@@ -142,9 +148,9 @@ func (t *tracker) notifyLocked() {
 }
 
 func (t *tracker) add(c net.Conn) *trackedConn {
-	tc := &trackedConn{Conn: c, t: t}
+	tc := &trackedConn{Conn: c, t: t, since: time.Now()}
 	t.mu.Lock()
-	t.conns[tc] = http.StateNew
+	t.conns[tc] = struct{}{}
 	t.notifyLocked()
 	t.mu.Unlock()
 	return tc
@@ -159,17 +165,42 @@ func (t *tracker) remove(tc *trackedConn) {
 	t.mu.Unlock()
 }
 
+// unwrap returns the trackedConn under c: c itself, or the connection under
+// a *tls.Conn that net/http or its HTTP/2 server reports.
+func unwrap(c net.Conn) (*trackedConn, *tls.Conn) {
+	var tlsConn *tls.Conn
+	if tc, ok := c.(*tls.Conn); ok {
+		tlsConn = tc
+		c = tc.NetConn()
+	}
+	tc, _ := c.(*trackedConn)
+	return tc, tlsConn
+}
+
+// setState records an http.ConnState change reported by net/http.
 func (t *tracker) setState(c net.Conn, s http.ConnState) {
-	tc, ok := c.(*trackedConn)
-	if !ok {
+	tc, tlsConn := unwrap(c)
+	if tc == nil || s == http.StateClosed {
 		return
 	}
-	t.mu.Lock()
-	if _, ok := t.conns[tc]; ok && s != http.StateClosed {
-		t.conns[tc] = s
-		t.notifyLocked()
+	if tlsConn != nil && s != http.StateNew && tlsConn.ConnectionState().NegotiatedProtocol == "h2" {
+		// Only the HTTP/2 server reports states after the handshake.
+		tc.h2.Store(true)
 	}
-	t.mu.Unlock()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, ok := t.conns[tc]; !ok {
+		return
+	}
+	tc.tls = tlsConn
+	tc.state = s
+	tc.preDrain = false
+	if s == http.StateIdle {
+		tc.since = time.Now()
+		// What is read from now on is a new request.
+		tc.rstate.CompareAndSwap(readSeen, readNone)
+	}
+	t.notifyLocked()
 }
 
 // count returns how many connections are in one of states (all if none).
@@ -180,9 +211,9 @@ func (t *tracker) count(states ...http.ConnState) int {
 		return len(t.conns)
 	}
 	n := 0
-	for _, s := range t.conns {
+	for c := range t.conns {
 		for _, want := range states {
-			if s == want {
+			if c.state == want {
 				n++
 				break
 			}
@@ -191,7 +222,7 @@ func (t *tracker) count(states ...http.ConnState) int {
 	return n
 }
 
-// waitUntil blocks until cond holds or ctx ends.
+// waitUntil blocks until cond holds or ctx ends. cond runs without mu.
 func (t *tracker) waitUntil(ctx context.Context, cond func() bool) error {
 	for {
 		t.mu.Lock()
@@ -217,7 +248,7 @@ func (t *tracker) closeAll() int {
 	}
 	t.mu.Unlock()
 	for _, c := range conns {
-		c.Close()
+		c.closeNow()
 	}
 	return len(conns)
 }
@@ -244,16 +275,69 @@ func (l *trackedListener) Close() error {
 	return l.closeErr
 }
 
+// Read states of a trackedConn, which make retiring an idle connection
+// atomic with respect to a request arriving on it (see retire).
+const (
+	readNone    int32 = iota // nothing read since the connection went idle
+	readSeen                 // bytes of a request were handed to net/http
+	readRetired              // retired: whatever arrives is discarded
+)
+
 // trackedConn removes itself from its tracker when closed, whoever closes
-// it: net/http, a handler that hijacked it, or the drain deadline.
+// it: net/http, a handler that hijacked it, or the drain.
 type trackedConn struct {
 	net.Conn
-	t         *tracker
-	closeOnce sync.Once
-	closeErr  error
+	t       *tracker
+	rstate  atomic.Int32
+	h2      atomic.Bool // HTTP/2: drained by GOAWAY, never retired
+	readAny atomic.Bool
+
+	// Guarded by t.mu.
+	state    http.ConnState
+	since    time.Time // accepted, or last went idle
+	preDrain bool      // active when the drain started: its response may lack "Connection: close"
+	tls      *tls.Conn
+
+	closeOnce  sync.Once
+	closeErr   error
+	lingering  atomic.Bool // retired: Close waits for the read-drain or the linger timer
+	lingerDone atomic.Bool
 }
 
+// Read hands net/http what the peer sends, except on a retired connection:
+// there it discards everything until the peer closes, then reports EOF, so
+// no request is started after the goodbye and closing sends no RST.
+func (c *trackedConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 && !c.readAny.Load() {
+		c.readAny.Store(true)
+		if bytes.HasPrefix(b[:n], []byte("PRI ")) {
+			c.h2.Store(true) // HTTP/2 with prior knowledge (h2c)
+		}
+	}
+	if n > 0 && c.rstate.Load() == readNone {
+		c.rstate.CompareAndSwap(readNone, readSeen)
+	}
+	if c.rstate.Load() != readRetired {
+		return n, err
+	}
+	for err == nil {
+		_, err = c.Conn.Read(b)
+	}
+	c.lingerDone.Store(true) // the peer closed, or the linger deadline passed
+	return 0, io.EOF
+}
+
+// Close closes the connection, unless it is retired and still lingering:
+// then the read-drain's end, or the linger timer, closes it.
 func (c *trackedConn) Close() error {
+	if c.lingering.Load() && !c.lingerDone.Load() {
+		return nil
+	}
+	return c.closeNow()
+}
+
+func (c *trackedConn) closeNow() error {
 	c.closeOnce.Do(func() {
 		c.closeErr = c.Conn.Close()
 		c.t.remove(c)

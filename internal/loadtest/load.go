@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -30,6 +31,11 @@ type Mix struct {
 	SSE           int           // GET /sse streams
 	WS            int           // /ws WebSocket echo streams
 	Pause         time.Duration // pause between requests of one worker (default 2 ms)
+	MaxPause      time.Duration // when above Pause, each pause is random in [Pause, MaxPause)
+	// Proto is the protocol of the request workers: "" (HTTP/1.1), "h2c"
+	// (HTTP/2 with prior knowledge) or "h2" (HTTP/2 over TLS, certificate
+	// not verified). Responses in another protocol count as failures.
+	Proto string
 }
 
 // Load is running traffic against one address.
@@ -129,6 +135,9 @@ func StartLoad(addr string, mix Mix) *Load {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &Load{cancel: cancel, stats: Stats{Failures: map[string]int{}, PIDs: map[string]int{}}}
 	base := "http://" + addr
+	if mix.Proto == "h2" {
+		base = "https://" + addr
+	}
 	spawn := func(n int, f func(context.Context)) {
 		for range n {
 			l.wg.Add(1)
@@ -177,22 +186,44 @@ func get(url string) *http.Request {
 	return r
 }
 
-func newClient(fresh bool) (*http.Client, *http.Transport) {
+// NewTransport returns a client transport for proto ("", "h2c" or "h2", as
+// in [Mix]); fresh disables keep-alive.
+func NewTransport(proto string, fresh bool) *http.Transport {
 	tr := &http.Transport{DisableKeepAlives: fresh, MaxIdleConnsPerHost: 1}
+	switch proto {
+	case "h2c":
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	case "h2":
+		tr.TLSClientConfig = &tls.Config{InsecureSkipVerify: true}
+		tr.ForceAttemptHTTP2 = true
+	}
+	return tr
+}
+
+func newClient(mix Mix, fresh bool) (*http.Client, *http.Transport) {
+	tr := NewTransport(mix.Proto, fresh)
 	return &http.Client{Transport: tr, Timeout: 15 * time.Second}, tr
 }
 
 func (l *Load) requests(ctx context.Context, mix Mix, fresh bool, mk func() *http.Request, want string) {
-	c, tr := newClient(fresh)
+	c, tr := newClient(mix, fresh)
 	defer tr.CloseIdleConnections()
 	for ctx.Err() == nil {
-		l.do(ctx, c, mk(), []byte(want))
-		pause(ctx, mix.Pause)
+		l.do(ctx, mix, c, mk(), []byte(want))
+		pause(ctx, mix.pause())
 	}
 }
 
+func (m Mix) pause() time.Duration {
+	if m.MaxPause > m.Pause {
+		return m.Pause + rand.N(m.MaxPause-m.Pause)
+	}
+	return m.Pause
+}
+
 func (l *Load) posts(ctx context.Context, mix Mix, url string) {
-	c, tr := newClient(false)
+	c, tr := newClient(mix, false)
 	defer tr.CloseIdleConnections()
 	for ctx.Err() == nil {
 		body := make([]byte, 64+rand.IntN(448))
@@ -200,12 +231,12 @@ func (l *Load) posts(ctx context.Context, mix Mix, url string) {
 			body[i] = 'a' + byte(rand.IntN(26))
 		}
 		r, _ := http.NewRequest(http.MethodPost, url, bytes.NewReader(body))
-		l.do(ctx, c, r, body)
-		pause(ctx, mix.Pause)
+		l.do(ctx, mix, c, r, body)
+		pause(ctx, mix.pause())
 	}
 }
 
-func (l *Load) do(ctx context.Context, c *http.Client, r *http.Request, want []byte) {
+func (l *Load) do(ctx context.Context, mix Mix, c *http.Client, r *http.Request, want []byte) {
 	resp, err := c.Do(r.WithContext(ctx))
 	if ctx.Err() != nil {
 		if err == nil {
@@ -223,6 +254,8 @@ func (l *Load) do(ctx context.Context, c *http.Client, r *http.Request, want []b
 	case err != nil && ctx.Err() != nil:
 	case err != nil:
 		l.stats.fail(Classify(err), "reading body: "+err.Error())
+	case (mix.Proto == "") != (resp.ProtoMajor == 1):
+		l.stats.fail("proto", fmt.Sprintf("%s %s: answered in %s, want %q", r.Method, r.URL.Path, resp.Proto, mix.Proto))
 	case resp.StatusCode != http.StatusOK:
 		l.stats.fail("status", fmt.Sprintf("%s %s: %s", r.Method, r.URL.Path, resp.Status))
 	case !bytes.Equal(got, want):

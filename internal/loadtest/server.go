@@ -4,6 +4,7 @@ package loadtest
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -73,6 +74,7 @@ type Config struct {
 	// {"sh", "-c", `exec "$0" "$@"`}; the binary and arguments follow it.
 	Prefix []string
 	Addr   string // address to serve on; a free port when empty
+	TLS    bool   // the server speaks HTTPS (its certificate is not verified)
 }
 
 // Start starts c.Bin with -addr and -pidfile, and waits until it is ready:
@@ -106,7 +108,11 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		s.Kill()
 		return nil, fmt.Errorf("server did not become ready: %w", err)
 	}
-	if err := WaitReady(wctx, addr); err != nil {
+	base := "http://" + addr
+	if c.TLS {
+		base = "https://" + addr
+	}
+	if err := waitReady(wctx, base); err != nil {
 		s.Kill()
 		return nil, err
 	}
@@ -202,13 +208,17 @@ func (s *Server) waitPIDFile(ctx context.Context, old int, exited <-chan exitRes
 }
 
 // WaitReady polls GET /readyz until it answers 200 or ctx ends.
-func WaitReady(ctx context.Context, addr string) error {
-	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+func WaitReady(ctx context.Context, addr string) error { return waitReady(ctx, "http://"+addr) }
+
+func waitReady(ctx context.Context, base string) error {
+	tr := NewTransport("", true)
+	tr.TLSClientConfig = &tls.Config{InsecureSkipVerify: true}
+	c := &http.Client{Timeout: time.Second, Transport: tr}
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
 	var last error
 	for {
-		resp, err := c.Get("http://" + addr + "/readyz")
+		resp, err := c.Get(base + "/readyz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
