@@ -3,6 +3,7 @@ package graceful
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"time"
@@ -60,6 +61,7 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 		}
 		next.ServeHTTP(w, r)
 	})
+	p.addListener(s.ln)
 	p.Add(s.run, s.stop)
 }
 
@@ -79,7 +81,7 @@ func (s *httpServer) run() error {
 	} else {
 		err = s.srv.Serve(s.ln)
 	}
-	if errors.Is(err, http.ErrServerClosed) || (s.p.isDraining() && errors.Is(err, net.ErrClosed)) {
+	if errors.Is(err, http.ErrServerClosed) || (s.ln.closed.Load() && errors.Is(err, net.ErrClosed)) {
 		return nil
 	}
 	return err
@@ -224,4 +226,106 @@ func (c *trackedConn) retire() bool {
 	// Closes it if no reader is left to see the read-drain end.
 	time.AfterFunc(2*lingerTimeout, func() { c.closeNow() })
 	return true
+}
+
+// OnDrain registers f to run in its own goroutine when the process starts to
+// drain, in the spirit of [http.Server.RegisterOnShutdown]: a hook to tell
+// long-lived work (a job queue consumer, a raw protocol) to wind down.
+// Registered once the drain has started, f runs at once. The drain waits for
+// every f until its deadline.
+func (p *Process) OnDrain(f func()) {
+	p.hooksMu.Lock()
+	defer p.hooksMu.Unlock()
+	if p.hooksStarted {
+		p.runHookLocked(f)
+		return
+	}
+	p.onDrain = append(p.onDrain, f)
+}
+
+func (p *Process) runHookLocked(f func()) {
+	p.hooks.Add(1)
+	go func() {
+		defer p.hooks.Done()
+		f()
+	}()
+}
+
+// Goodbye returns a channel closed when the long-lived stream (SSE,
+// WebSocket, gRPC stream, raw connection) served under ctx should end with
+// a goodbye in its own protocol. With [Options.GoodbyeSpread] zero it is
+// [Process.Draining]. Otherwise the streams open when the drain starts are
+// told one at a time, evenly over GoodbyeSpread and in random order, so that
+// their clients do not all reconnect to the new process in the same instant;
+// a stream that asks once the drain has started is told at once. The
+// registration ends with ctx. A nil *Process returns a nil channel.
+func (p *Process) Goodbye(ctx context.Context) <-chan struct{} {
+	if p == nil {
+		return nil
+	}
+	if p.opts.GoodbyeSpread <= 0 {
+		return p.drainingC
+	}
+	p.hooksMu.Lock()
+	defer p.hooksMu.Unlock()
+	if p.hooksStarted {
+		return p.drainingC
+	}
+	g := make(chan struct{})
+	p.goodbyes[g] = struct{}{}
+	context.AfterFunc(ctx, func() {
+		p.hooksMu.Lock()
+		delete(p.goodbyes, g)
+		p.hooksMu.Unlock()
+	})
+	return g
+}
+
+// startHooks runs the OnDrain hooks and spreads the goodbyes. Called once,
+// when the drain starts.
+func (p *Process) startHooks() {
+	p.hooksMu.Lock()
+	defer p.hooksMu.Unlock()
+	p.hooksStarted = true
+	for _, f := range p.onDrain {
+		p.runHookLocked(f)
+	}
+	p.onDrain = nil
+	if len(p.goodbyes) == 0 {
+		return
+	}
+	list := make([]chan struct{}, 0, len(p.goodbyes))
+	for g := range p.goodbyes {
+		list = append(list, g)
+	}
+	p.goodbyes = nil
+	rand.Shuffle(len(list), func(i, j int) { list[i], list[j] = list[j], list[i] })
+	spread := p.opts.GoodbyeSpread
+	p.runHookLocked(func() {
+		start := time.Now()
+		t := time.NewTimer(0)
+		defer t.Stop()
+		for i, g := range list {
+			if d := time.Until(start.Add(spread * time.Duration(i) / time.Duration(len(list)))); d > 0 {
+				t.Reset(d)
+				<-t.C
+			}
+			close(g)
+		}
+	})
+}
+
+// waitHooks waits for the OnDrain hooks and the goodbye spreading until ctx
+// ends.
+func (p *Process) waitHooks(ctx context.Context) {
+	done := make(chan struct{})
+	go func() {
+		p.hooks.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		p.log.Warn("drain deadline: OnDrain hooks still running")
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -64,6 +65,12 @@ type Options struct {
 	// "Connection: close") before it is closed. Zero means
 	// [DefaultIdleGrace]; it never extends past DrainTimeout.
 	IdleGrace time.Duration
+
+	// GoodbyeSpread spreads the goodbyes of long-lived streams (see
+	// [Process.Goodbye]) evenly over this much of the drain, so that their
+	// clients do not reconnect all at once. It must be shorter than
+	// DrainTimeout. Zero means all at once.
+	GoodbyeSpread time.Duration
 
 	// DrainDelay is how long, after a drain signal or ctx ends, the process
 	// keeps accepting and serving with readiness already failing, so load
@@ -127,6 +134,14 @@ type Process struct {
 	upgradedC    chan struct{}
 	upgradedOnce sync.Once
 	upgrades     sync.WaitGroup // Upgrade attempts still running
+
+	listeners []io.Closer // of served listeners, closed first in a drain
+
+	hooksMu      sync.Mutex
+	hooksStarted bool
+	onDrain      []func()
+	goodbyes     map[chan struct{}]struct{} // streams waiting for Goodbye
+	hooks        sync.WaitGroup             // OnDrain hooks and the goodbye spreading
 }
 
 type entry struct {
@@ -143,8 +158,8 @@ var created atomic.Bool
 // traps no signal. New may be called once per process; a second call returns
 // an error.
 func New(opts Options) (*Process, error) {
-	if opts.UpgradeTimeout < 0 || opts.DrainTimeout < 0 || opts.IdleGrace < 0 || opts.DrainDelay < 0 || opts.CheckTimeout < 0 {
-		return nil, errors.New("graceful: negative duration in Options (UpgradeTimeout, DrainTimeout, IdleGrace, DrainDelay, CheckTimeout)")
+	if opts.UpgradeTimeout < 0 || opts.DrainTimeout < 0 || opts.IdleGrace < 0 || opts.DrainDelay < 0 || opts.CheckTimeout < 0 || opts.GoodbyeSpread < 0 {
+		return nil, errors.New("graceful: negative duration in Options (UpgradeTimeout, DrainTimeout, IdleGrace, DrainDelay, CheckTimeout, GoodbyeSpread)")
 	}
 	if opts.CheckTimeout == 0 {
 		opts.CheckTimeout = DefaultCheckTimeout
@@ -160,6 +175,9 @@ func New(opts Options) (*Process, error) {
 	}
 	if opts.IdleGrace == 0 {
 		opts.IdleGrace = DefaultIdleGrace
+	}
+	if opts.GoodbyeSpread >= opts.DrainTimeout {
+		return nil, fmt.Errorf("graceful: GoodbyeSpread (%v) must be shorter than DrainTimeout (%v)", opts.GoodbyeSpread, opts.DrainTimeout)
 	}
 	if opts.UpgradeSignals == nil {
 		opts.UpgradeSignals = []os.Signal{syscall.SIGHUP}
@@ -206,6 +224,7 @@ func New(opts Options) (*Process, error) {
 		readyC:    make(chan struct{}),
 		drainingC: make(chan struct{}),
 		upgradedC: make(chan struct{}),
+		goodbyes:  make(map[chan struct{}]struct{}),
 	}
 	if err := p.initPlatform(); err != nil {
 		created.Store(false)
@@ -323,6 +342,9 @@ func (p *Process) Run(ctx context.Context) error {
 		p.log.Error("pre-ready checks failed", "err", err)
 		p.closeDraining()
 		p.stopPlatform()
+		hookCtx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
+		p.waitHooks(hookCtx)
+		cancel()
 		return fmt.Errorf("graceful: not ready: %w", err)
 	}
 	p.mu.Lock()
@@ -454,10 +476,27 @@ func (p *Process) delayDrain(drainSig <-chan os.Signal) {
 	}
 }
 
+// addListener registers a served listener to close when the drain starts.
+func (p *Process) addListener(ln io.Closer) {
+	p.mu.Lock()
+	p.listeners = append(p.listeners, ln)
+	p.mu.Unlock()
+}
+
+func (p *Process) closeListeners() {
+	p.mu.Lock()
+	lns := append([]io.Closer(nil), p.listeners...)
+	p.mu.Unlock()
+	for _, ln := range lns {
+		ln.Close()
+	}
+}
+
 func (p *Process) closeDraining() {
 	p.drainOnce.Do(func() {
 		p.health.setDraining()
 		close(p.drainingC)
+		p.startHooks()
 	})
 }
 
@@ -469,6 +508,9 @@ func (p *Process) drain(reason string) error {
 	if !upgraded {
 		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
 	}
+	// Stop accepting before any goodbye, so a client told to reconnect
+	// reaches the successor (or nothing), never this process again.
+	p.closeListeners()
 	p.closeDraining()
 	// Cancels an upgrade still in progress (its child is killed) and
 	// releases the descriptors kept for children.
@@ -499,6 +541,7 @@ func (p *Process) drain(reason string) error {
 		}
 	}
 	p.runs.Wait()
+	p.waitHooks(ctx)
 	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
 	if len(errs) > 0 {
 		return fmt.Errorf("graceful: drain: %w", errors.Join(errs...))

@@ -257,6 +257,7 @@ func (t *tracker) closeAll() int {
 type trackedListener struct {
 	net.Listener
 	t         *tracker
+	closed    atomic.Bool // we closed it: Accept's error is the drain, not a failure
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -271,7 +272,10 @@ func (l *trackedListener) Accept() (net.Conn, error) {
 
 // Close stops accepting. The socket itself stays open in any successor.
 func (l *trackedListener) Close() error {
-	l.closeOnce.Do(func() { l.closeErr = l.Listener.Close() })
+	l.closeOnce.Do(func() {
+		l.closed.Store(true)
+		l.closeErr = l.Listener.Close()
+	})
 	return l.closeErr
 }
 

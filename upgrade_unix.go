@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/cloudflare/tableflip"
 	"golang.org/x/sys/unix"
@@ -25,6 +26,7 @@ const listenFdsStart = 3
 type platform struct {
 	upg        *tableflip.Upgrader
 	parentGone chan struct{}
+	parentPID  int // the process that started us, when it is our parent
 
 	mu        sync.Mutex
 	activated []*activatedSocket // sockets from systemd not yet claimed
@@ -72,6 +74,7 @@ func (p *Process) initPlatform() error {
 	}
 	p.plat = platform{upg: upg, activated: acts, parentGone: make(chan struct{})}
 	if upg.HasParent() {
+		p.plat.parentPID = os.Getppid()
 		unix.CloseOnExec(3)
 		unix.CloseOnExec(4)
 		go func() {
@@ -132,11 +135,34 @@ func (p *Process) upgradeAllowed() error {
 	case <-p.plat.parentGone:
 		return nil
 	default:
-		return fmt.Errorf("%w: the previous process is still draining", ErrUpgradeInProgress)
 	}
+	if os.Getppid() != p.plat.parentPID {
+		// The parent has exited (we were reparented at once) but the
+		// goroutine watching it has not run yet: whoever saw the exit and
+		// asked for an upgrade must not be refused. It is a moment away.
+		t := time.NewTimer(time.Second)
+		defer t.Stop()
+		select {
+		case <-p.plat.parentGone:
+			return nil
+		case <-t.C:
+		}
+	}
+	return fmt.Errorf("%w: the previous process is still draining", ErrUpgradeInProgress)
 }
 
-func (p *Process) upgrade() error { return p.plat.upg.Upgrade() }
+func (p *Process) upgrade() error {
+	for i := 0; ; i++ {
+		err := p.plat.upg.Upgrade()
+		// tableflip learns of the parent's exit in its own goroutine, a
+		// moment after parentGone may close, and refuses meanwhile. It has no
+		// sentinel error for that, hence the text.
+		if err == nil || i == 100 || !strings.Contains(err.Error(), "parent hasn't exited") {
+			return err
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
 
 func (p *Process) notifyReady() error {
 	p.plat.mu.Lock()

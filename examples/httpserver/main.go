@@ -14,9 +14,9 @@
 //	GET  /livez     200
 //	SIGHUP upgrades in place; SIGTERM drains and exits 0.
 //
-// Further flags: -drain-timeout, -upgrade-timeout, -drain-delay, and
+// Further flags: -drain-timeout, -upgrade-timeout, -drain-delay,
 // -control path (a control socket for gracefulctl: "upgrade" answers with
-// the outcome).
+// the outcome), -goodbye-spread (stream goodbyes spread over that long).
 package main
 
 import (
@@ -39,6 +39,7 @@ import (
 type config struct {
 	addr, pidfile, control string
 	drain, upgrade, delay  time.Duration
+	spread                 time.Duration
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -50,6 +51,7 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.DurationVar(&c.upgrade, "upgrade-timeout", graceful.DefaultUpgradeTimeout, "how long a new process may take to become ready")
 	fs.DurationVar(&c.delay, "drain-delay", 0, "on SIGTERM, fail readiness and keep serving this long before draining")
 	fs.StringVar(&c.control, "control", "", "serve a control socket at this path (gracefulctl -socket PATH upgrade)")
+	fs.DurationVar(&c.spread, "goodbye-spread", 0, "spread the goodbyes of SSE and WebSocket streams over this much of the drain")
 	return c
 }
 
@@ -69,6 +71,7 @@ func main() {
 		UpgradeTimeout: c.upgrade,
 		DrainDelay:     c.delay,
 		ControlSocket:  c.control,
+		GoodbyeSpread:  c.spread,
 	}
 	if err := run(opts, c.addr); err != nil {
 		log.Error("exiting", "err", err)
@@ -123,15 +126,16 @@ func routes(p *graceful.Process) http.Handler {
 	return mux
 }
 
-// sse ticks every 100 ms until the process drains, then asks the client to
-// reconnect (it will reach the new process) and ends the stream.
+// sse ticks every 100 ms until its goodbye (the drain, spread by
+// -goodbye-spread), then asks the client to reconnect (it will reach the new
+// process) and ends the stream.
 func sse(w http.ResponseWriter, r *http.Request) {
 	fl, ok := w.(http.Flusher)
 	if !ok {
 		http.Error(w, "streaming unsupported", http.StatusInternalServerError)
 		return
 	}
-	draining := graceful.FromContext(r.Context()).Draining()
+	goodbye := graceful.FromContext(r.Context()).Goodbye(r.Context())
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-cache")
 	w.Header().Set("X-Pid", strconv.Itoa(os.Getpid()))
@@ -145,7 +149,7 @@ func sse(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			fl.Flush()
-		case <-draining:
+		case <-goodbye:
 			io.WriteString(w, "event: reconnect\ndata: server restarting\n\n")
 			fl.Flush()
 			return
@@ -157,7 +161,7 @@ func sse(w http.ResponseWriter, r *http.Request) {
 
 var upgrader = websocket.Upgrader{}
 
-// echoWS echoes messages until the process drains, then closes with 1012
+// echoWS echoes messages until its goodbye, then closes with 1012
 // (service restart) and waits briefly for the client's close reply.
 func echoWS(w http.ResponseWriter, r *http.Request) {
 	h := http.Header{"X-Pid": {strconv.Itoa(os.Getpid())}}
@@ -166,6 +170,7 @@ func echoWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer c.Close()
+	goodbye := graceful.FromContext(r.Context()).Goodbye(r.Context())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -181,7 +186,7 @@ func echoWS(w http.ResponseWriter, r *http.Request) {
 	}()
 	select {
 	case <-done:
-	case <-graceful.FromContext(r.Context()).Draining():
+	case <-goodbye:
 		msg := websocket.FormatCloseMessage(websocket.CloseServiceRestart, "server restarting")
 		c.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
 		select {

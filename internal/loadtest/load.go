@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -53,9 +54,17 @@ type Stats struct {
 	Samples  []string       // the first failure messages
 	PIDs     map[string]int // responses per serving PID
 
-	StreamsGraceful int // ended with the server's goodbye (SSE reconnect, WS 1012/1001)
-	StreamsAbrupt   int // ended any other way
-	StreamFailures  int // streams that could not be opened
+	StreamsGraceful int            // ended with the server's goodbye (SSE reconnect, WS 1012/1001)
+	StreamsAbrupt   int            // ended any other way
+	StreamFailures  int            // streams that could not be opened
+	StreamPIDs      map[string]int // streams opened per serving PID
+	Goodbyes        []time.Time    // when each goodbye arrived
+}
+
+func (s *Stats) streamOpened(pid string) {
+	s.mu.Lock()
+	s.StreamPIDs[pid]++
+	s.mu.Unlock()
 }
 
 // Failed returns the number of failed requests and streams cut abruptly.
@@ -90,6 +99,7 @@ func (s *Stats) streamEnd(graceful bool, why string) {
 	s.mu.Lock()
 	if graceful {
 		s.StreamsGraceful++
+		s.Goodbyes = append(s.Goodbyes, time.Now())
 	} else {
 		s.StreamsAbrupt++
 		if len(s.Samples) < 10 {
@@ -133,7 +143,7 @@ func StartLoad(addr string, mix Mix) *Load {
 		mix.Pause = 2 * time.Millisecond
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &Load{cancel: cancel, stats: Stats{Failures: map[string]int{}, PIDs: map[string]int{}}}
+	l := &Load{cancel: cancel, stats: Stats{Failures: map[string]int{}, PIDs: map[string]int{}, StreamPIDs: map[string]int{}}}
 	base := "http://" + addr
 	if mix.Proto == "h2" {
 		base = "https://" + addr
@@ -291,6 +301,7 @@ func (l *Load) sse(ctx context.Context, url string) {
 			pause(ctx, 50*time.Millisecond)
 			continue
 		}
+		l.stats.streamOpened(resp.Header.Get("X-Pid"))
 		goodbye := false
 		sc := bufio.NewScanner(resp.Body)
 		for sc.Scan() {
@@ -346,6 +357,7 @@ func (l *Load) ws(ctx context.Context, url string) {
 			pause(ctx, 50*time.Millisecond)
 			continue
 		}
+		l.stats.streamOpened(resp.Header.Get("X-Pid"))
 		stop := context.AfterFunc(ctx, func() { conn.Close() })
 		graceful, why := echoUntilClosed(ctx, conn)
 		stop()
@@ -410,4 +422,18 @@ func (s *Stats) Report(w io.Writer) {
 	for _, m := range s.Samples {
 		fmt.Fprintln(w, "  sample failure:", m)
 	}
+}
+
+// StreamsOn returns how many streams were opened on generation pid so far.
+func (l *Load) StreamsOn(pid int) int {
+	l.stats.mu.Lock()
+	defer l.stats.mu.Unlock()
+	return l.stats.StreamPIDs[strconv.Itoa(pid)]
+}
+
+// Goodbyes returns when each goodbye so far arrived.
+func (l *Load) Goodbyes() []time.Time {
+	l.stats.mu.Lock()
+	defer l.stats.mu.Unlock()
+	return append([]time.Time(nil), l.stats.Goodbyes...)
 }
