@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"sync"
+	"syscall"
 	"time"
 )
 
@@ -328,4 +330,95 @@ func (p *Process) waitHooks(ctx context.Context) {
 	case <-ctx.Done():
 		p.log.Warn("drain deadline: OnDrain hooks still running")
 	}
+}
+
+// ServeConns registers a raw stream server (TCP or Unix): when
+// [Process.Run] starts, each connection accepted on ln is tracked and
+// handled by handle in its own goroutine; the connection is closed when
+// handle returns. When the process drains, ln stops accepting and goodbye,
+// if not nil, is called once for every open connection, in its own
+// goroutine and spread over [Options.GoodbyeSpread], to say goodbye in the
+// connection's protocol (for example: set a read deadline so that handle
+// finishes the message it is reading, sends "BYE" and returns). Handlers
+// have until [Options.DrainTimeout] to return; then their connections are
+// closed.
+func (p *Process) ServeConns(ln net.Listener, handle func(net.Conn), goodbye func(net.Conn)) {
+	if handle == nil {
+		panic("graceful: ServeConns with nil handle")
+	}
+	t := newTracker()
+	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, goodbye: goodbye}
+	p.addListener(s.ln)
+	p.Add(s.run, s.stop)
+}
+
+type connServer struct {
+	p       *Process
+	ln      *trackedListener
+	t       *tracker
+	handle  func(net.Conn)
+	goodbye func(net.Conn)
+
+	handlers sync.WaitGroup // handlers and goodbyes
+}
+
+func (s *connServer) run() error {
+	var delay time.Duration
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			if s.ln.closed.Load() {
+				return nil
+			}
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() && !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) && !errors.Is(err, syscall.ECONNABORTED) {
+				return err
+			}
+			// Out of descriptors and the like: back off, as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.p.log.Warn("accept failed; retrying", "err", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		s.handlers.Add(1)
+		go func() {
+			defer s.handlers.Done()
+			defer c.Close()
+			s.handle(c)
+		}()
+	}
+}
+
+func (s *connServer) stop(ctx context.Context) error {
+	s.ln.Close()
+	if s.goodbye != nil {
+		s.t.mu.Lock()
+		conns := make([]*trackedConn, 0, len(s.t.conns))
+		for c := range s.t.conns {
+			conns = append(conns, c)
+		}
+		s.t.mu.Unlock()
+		rand.Shuffle(len(conns), func(i, j int) { conns[i], conns[j] = conns[j], conns[i] })
+		start, spread := time.Now(), s.p.opts.GoodbyeSpread
+		for i, c := range conns {
+			if d := time.Until(start.Add(spread * time.Duration(i) / time.Duration(len(conns)))); d > 0 {
+				select {
+				case <-time.After(d):
+				case <-ctx.Done():
+				}
+			}
+			s.handlers.Add(1)
+			go func() {
+				defer s.handlers.Done()
+				s.goodbye(c)
+			}()
+		}
+	}
+	if err := s.t.waitUntil(ctx, func() bool { return s.t.count() == 0 }); err != nil {
+		n := s.t.closeAll()
+		s.p.log.Warn("drain deadline: connections force-closed", "conns", n)
+	}
+	s.handlers.Wait()
+	return nil
 }

@@ -75,6 +75,8 @@ type Config struct {
 	Prefix []string
 	Addr   string // address to serve on; a free port when empty
 	TLS    bool   // the server speaks HTTPS (its certificate is not verified)
+	// NoHTTP: the server has no /readyz; its PID file alone says it is ready.
+	NoHTTP bool
 }
 
 // Start starts c.Bin with -addr and -pidfile, and waits until it is ready:
@@ -107,6 +109,9 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if _, err := s.waitPIDFile(wctx, 0, exited); err != nil {
 		s.Kill()
 		return nil, fmt.Errorf("server did not become ready: %w", err)
+	}
+	if c.NoHTTP {
+		return s, nil
 	}
 	base := "http://" + addr
 	if c.TLS {
