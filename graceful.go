@@ -508,6 +508,12 @@ func (p *Process) drain(reason string) error {
 	if !upgraded {
 		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
+	defer cancel()
+	p.mu.Lock()
+	p.stopping = true // from now on a run returning is the drain, not a failure
+	p.stopCtx = ctx
+	p.mu.Unlock()
 	// Stop accepting before any goodbye, so a client told to reconnect
 	// reaches the successor (or nothing), never this process again.
 	p.closeListeners()
@@ -519,11 +525,7 @@ func (p *Process) drain(reason string) error {
 		removePIDFile(p.opts.PIDFile)
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
-	defer cancel()
 	p.mu.Lock()
-	p.stopping = true
-	p.stopCtx = ctx
 	entries := append([]entry(nil), p.entries...)
 	started := p.started
 	p.mu.Unlock()

@@ -24,6 +24,11 @@ import (
 // upgrade; a Unix socket file is kept across upgrades and removed when the
 // process drains without a successor. A stale socket file left by a crashed
 // process is replaced; one a live process accepts on is an error.
+//
+// When the drain starts (after [Options.DrainDelay]) the listener is closed
+// so that every new connection goes to the successor: Accept then returns
+// an error wrapping [net.ErrClosed], which a server registered with
+// [Process.Add] should treat as its end.
 func (p *Process) Listen(network, addr string) (net.Listener, error) {
 	switch network {
 	case "tcp", "tcp4", "tcp6", "unix":
@@ -34,6 +39,7 @@ func (p *Process) Listen(network, addr string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("graceful: listen %s %s: %w", network, addr, err)
 	}
+	p.addListener(ln)
 	return ln, nil
 }
 
