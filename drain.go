@@ -153,7 +153,7 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 	defer timer.Stop()
 	for {
 		s.t.mu.Lock()
-		changed := s.t.changed
+		changed := s.t.changedLocked()
 		now := time.Now()
 		var due []*trackedConn
 		var next time.Time

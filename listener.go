@@ -139,18 +139,30 @@ func sameIPPort(wantIP net.IP, wantPort int, haveIP net.IP, havePort int) bool {
 type tracker struct {
 	mu         sync.Mutex
 	conns      map[*trackedConn]struct{}
-	changed    chan struct{} // closed and replaced on every change
+	changed    chan struct{} // closed on the next change; nil while nobody waits
 	draining   bool
 	drainStart time.Time
 }
 
 func newTracker() *tracker {
-	return &tracker{conns: make(map[*trackedConn]struct{}), changed: make(chan struct{})}
+	return &tracker{conns: make(map[*trackedConn]struct{})}
 }
 
+// notifyLocked wakes the waiters of changedLocked. Serving costs nothing
+// while nobody waits (only a drain does).
 func (t *tracker) notifyLocked() {
-	close(t.changed)
-	t.changed = make(chan struct{})
+	if t.changed != nil {
+		close(t.changed)
+		t.changed = nil
+	}
+}
+
+// changedLocked returns a channel closed on the next change.
+func (t *tracker) changedLocked() <-chan struct{} {
+	if t.changed == nil {
+		t.changed = make(chan struct{})
+	}
+	return t.changed
 }
 
 func (t *tracker) add(c net.Conn) *trackedConn {
@@ -232,7 +244,7 @@ func (t *tracker) count(states ...http.ConnState) int {
 func (t *tracker) waitUntil(ctx context.Context, cond func() bool) error {
 	for {
 		t.mu.Lock()
-		ch := t.changed
+		ch := t.changedLocked()
 		t.mu.Unlock()
 		if cond() {
 			return nil

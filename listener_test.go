@@ -3,6 +3,7 @@ package graceful
 import (
 	"net"
 	"net/http"
+	"runtime"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -74,4 +75,34 @@ func TestTrackerCountsAndCloses(t *testing.T) {
 	require.NoError(t, tl.Close(), "a second Close returns the first result")
 	_, err = tl.Accept()
 	assert.ErrorIs(t, err, net.ErrClosed)
+}
+
+// stubConn is the smallest net.Conn: tracking is all that is measured.
+type stubConn struct{ net.Conn }
+
+// BenchmarkTrackingBytesPerConn reports the heap that tracking one
+// connection costs (trackedConn plus its map entry); the target is 256 B.
+func BenchmarkTrackingBytesPerConn(b *testing.B) {
+	const n = 100_000
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		conns[i] = &stubConn{}
+	}
+	for range b.N {
+		tr := newTracker()
+		before := heapAlloc()
+		for _, c := range conns {
+			tr.add(c)
+		}
+		after := heapAlloc()
+		b.ReportMetric(float64(after-before)/n, "B/conn")
+		runtime.KeepAlive(tr)
+	}
+}
+
+func heapAlloc() uint64 {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
 }

@@ -16,15 +16,25 @@
 //
 // Further flags: -drain-timeout, -upgrade-timeout, -drain-delay,
 // -control path (a control socket for gracefulctl: "upgrade" answers with
-// the outcome), -goodbye-spread (stream goodbyes spread over that long).
+// the outcome), -goodbye-spread (stream goodbyes spread over that long),
+// -idle-grace, -h2c (HTTP/2 without TLS too), -tls-self-signed (HTTPS with
+// HTTP/2, certificate made at start).
 package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -39,7 +49,8 @@ import (
 type config struct {
 	addr, pidfile, control string
 	drain, upgrade, delay  time.Duration
-	spread                 time.Duration
+	spread, idleGrace      time.Duration
+	h2c, selfSigned        bool
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -52,6 +63,9 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.DurationVar(&c.delay, "drain-delay", 0, "on SIGTERM, fail readiness and keep serving this long before draining")
 	fs.StringVar(&c.control, "control", "", "serve a control socket at this path (gracefulctl -socket PATH upgrade)")
 	fs.DurationVar(&c.spread, "goodbye-spread", 0, "spread the goodbyes of SSE and WebSocket streams over this much of the drain")
+	fs.DurationVar(&c.idleGrace, "idle-grace", graceful.DefaultIdleGrace, "how long an idle keep-alive connection may carry one more request once the drain starts")
+	fs.BoolVar(&c.h2c, "h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
+	fs.BoolVar(&c.selfSigned, "tls-self-signed", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a fresh self-signed certificate, for tests and benchmarks")
 	return c
 }
 
@@ -72,23 +86,37 @@ func main() {
 		DrainDelay:     c.delay,
 		ControlSocket:  c.control,
 		GoodbyeSpread:  c.spread,
+		IdleGrace:      c.idleGrace,
 	}
-	if err := run(opts, c.addr); err != nil {
+	if err := run(opts, c); err != nil {
 		log.Error("exiting", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(opts graceful.Options, addr string) error {
+func run(opts graceful.Options, c *config) error {
 	p, err := graceful.New(opts)
 	if err != nil {
 		return err
 	}
-	ln, err := p.Listen("tcp", addr)
+	ln, err := p.Listen("tcp", c.addr)
 	if err != nil {
 		return err
 	}
-	p.Serve(&http.Server{Handler: routes(p), ReadHeaderTimeout: 10 * time.Second}, ln)
+	srv := &http.Server{Handler: routes(p), ReadHeaderTimeout: 10 * time.Second}
+	if c.h2c {
+		srv.Protocols = new(http.Protocols)
+		srv.Protocols.SetHTTP1(true)
+		srv.Protocols.SetUnencryptedHTTP2(true)
+	}
+	if c.selfSigned {
+		cert, err := selfSigned()
+		if err != nil {
+			return err
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
+	p.Serve(srv, ln)
 	return p.Run(context.Background())
 }
 
@@ -194,4 +222,27 @@ func echoWS(w http.ResponseWriter, r *http.Request) {
 		case <-time.After(2 * time.Second):
 		}
 	}
+}
+
+// selfSigned returns a fresh certificate for localhost and 127.0.0.1.
+func selfSigned() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }

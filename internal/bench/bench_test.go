@@ -1,0 +1,402 @@
+// Package bench holds the benchmarks of graceful: serving overhead and
+// tracking memory (in process), keep-alive through many upgrades, and the
+// drain of 10,000 idle connections plus 1,000 WebSockets (against the
+// reference server). Run them with
+//
+//	go test -run '^$' -bench . -benchtime 1x ./internal/bench
+//
+// (BenchmarkServe wants the default -benchtime). Figures are reported as
+// custom metrics.
+package bench
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/internal/loadtest"
+)
+
+var (
+	procOnce sync.Once
+	proc     *graceful.Process
+	procErr  error
+)
+
+// process returns the one Process of this test binary, running.
+func process(b *testing.B) *graceful.Process {
+	procOnce.Do(func() {
+		proc, procErr = graceful.New(graceful.Options{UpgradeSignals: []os.Signal{}, DrainSignals: []os.Signal{}})
+		if procErr != nil {
+			return
+		}
+		go proc.Run(context.Background()) // lives as long as the benchmark binary
+		<-proc.Ready()
+	})
+	if procErr != nil {
+		b.Fatal(procErr)
+	}
+	return proc
+}
+
+var okHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+
+// serve starts a server with okHandler: a plain http.Server, or one
+// registered with graceful's Serve.
+func serve(b *testing.B, tracked bool) string {
+	srv := &http.Server{Handler: okHandler}
+	if tracked {
+		p := process(b)
+		ln, err := p.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		p.Serve(srv, ln) // starts at once: Run is running
+		return ln.Addr().String()
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go srv.Serve(ln)
+	b.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
+// BenchmarkServe compares keep-alive GETs through Serve with a plain
+// http.Server in the same run: compare the two ns/op (the ratio is the
+// overhead of tracking).
+func BenchmarkServe(b *testing.B) {
+	for _, tracked := range []bool{false, true} {
+		name := "plain"
+		if tracked {
+			name = "graceful"
+		}
+		b.Run(name, func(b *testing.B) {
+			url := "http://" + serve(b, tracked) + "/"
+			tr := &http.Transport{MaxIdleConnsPerHost: 4 * runtime.GOMAXPROCS(0)}
+			defer tr.CloseIdleConnections()
+			c := &http.Client{Transport: tr}
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					resp, err := c.Get(url)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			})
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "req/s")
+		})
+	}
+}
+
+// BenchmarkServeRatio measures the same load against a plain server and a
+// Serve'd one in alternating 250 ms windows (20 rounds), so that drift on
+// a shared machine hits both alike, and reports graceful/plain requests/s.
+func BenchmarkServeRatio(b *testing.B) {
+	urls := []string{"http://" + serve(b, false) + "/", "http://" + serve(b, true) + "/"}
+	workers := 4 * runtime.GOMAXPROCS(0)
+	tr := &http.Transport{MaxIdleConnsPerHost: workers}
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Transport: tr}
+	var spent [2]time.Duration
+	window := func(j int) int64 {
+		url := urls[j]
+		start := time.Now()
+		defer func() { spent[j] += time.Since(start) }()
+		var n atomic.Int64
+		stop := start.Add(250 * time.Millisecond)
+		var wg sync.WaitGroup
+		for range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for time.Now().Before(stop) {
+					resp, err := c.Get(url)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					n.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+		return n.Load()
+	}
+	for range b.N {
+		var totals [2]int64
+		for round := range 20 {
+			for i := range urls {
+				j := (i + round) % 2 // alternate which goes first
+				totals[j] += window(j)
+			}
+		}
+		plain, tracked := float64(totals[0])/spent[0].Seconds(), float64(totals[1])/spent[1].Seconds()
+		b.ReportMetric(tracked/plain, "graceful/plain")
+		b.ReportMetric(plain, "plain-req/s")
+		b.ReportMetric(tracked, "graceful-req/s")
+		spent = [2]time.Duration{}
+	}
+}
+
+// BenchmarkTrackingMemory holds 4,000 idle keep-alive connections on a
+// plain server and on a Serve'd one and reports the heap each costs per
+// connection; the difference is graceful's tracking.
+func BenchmarkTrackingMemory(b *testing.B) {
+	const conns = 4000
+	perConn := func(tracked bool) float64 {
+		addr := serve(b, tracked)
+		before := heap()
+		cs := make([]net.Conn, 0, conns)
+		defer func() {
+			for _, c := range cs {
+				c.Close()
+			}
+		}()
+		for range conns {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			cs = append(cs, c)
+			r := bufio.NewReader(c)
+			io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+			resp, err := http.ReadResponse(r, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		return float64(heap()-before) / conns
+	}
+	for range b.N {
+		plain := perConn(false)
+		tracked := perConn(true)
+		b.ReportMetric(plain, "plain-B/conn")
+		b.ReportMetric(tracked, "graceful-B/conn")
+		b.ReportMetric(tracked-plain, "tracking-B/conn")
+	}
+}
+
+func heap() uint64 {
+	var m runtime.MemStats
+	for range 3 {
+		runtime.GC()
+	}
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}
+
+// startReference builds and starts the reference server.
+func startReference(b *testing.B, args []string, tls bool) *loadtest.Server {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dir := b.TempDir()
+	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	logs, err := os.Create(filepath.Join(dir, "server.log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { logs.Close() })
+	srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: dir, Logs: logs, Args: args, TLS: tls})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(srv.Kill)
+	return srv
+}
+
+// BenchmarkKeepAliveUpgrades is the long form of TestKeepAliveAcrossUpgrades:
+// keep-alive POST and GET workers (Go's http.Transport, random pauses up to
+// 30 ms) through 50 upgrades of the reference server, over HTTP/1.1, h2c and
+// HTTP/2 over TLS. It reports the failed requests (the target is 0).
+func BenchmarkKeepAliveUpgrades(b *testing.B) {
+	const upgrades = 50
+	for _, tc := range []struct{ name, proto, flag string }{
+		{"http1", "", ""}, {"h2c", "h2c", "-h2c"}, {"h2", "h2", "-tls-self-signed"},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			for range b.N {
+				var args []string
+				if tc.flag != "" {
+					args = []string{tc.flag}
+				}
+				srv := startReference(b, args, tc.proto == "h2")
+				load := loadtest.StartLoad(srv.Addr, loadtest.Mix{
+					KeepAlivePOST: 8, KeepAliveGET: 4, Proto: tc.proto,
+					Pause: time.Millisecond, MaxPause: 30 * time.Millisecond,
+				})
+				var exits time.Duration
+				for i := range upgrades {
+					u, err := srv.Upgrade(context.Background(), 30*time.Second)
+					if err != nil {
+						load.Stop()
+						b.Fatalf("upgrade %d: %v", i+1, err)
+					}
+					exits += u.OldExit
+				}
+				stats := load.Stop()
+				var report strings.Builder
+				stats.Report(&report)
+				b.Log(report.String())
+				b.ReportMetric(float64(stats.Requests), "requests")
+				b.ReportMetric(float64(stats.Failed()), "failed")
+				b.ReportMetric(float64(exits.Milliseconds())/upgrades, "ms-to-old-exit")
+			}
+		})
+	}
+}
+
+// BenchmarkDrain10kIdle holds 10,000 idle keep-alive connections and 1,000
+// WebSockets on the reference server, upgrades it, and reports how long the
+// old process took to drain and exit, its peak memory, and the client
+// errors: an idle connection must end with a FIN (EOF), never a reset; a
+// WebSocket with close 1012.
+func BenchmarkDrain10kIdle(b *testing.B) {
+	const idle, sockets = 10000, 1000
+	for range b.N {
+		srv := startReference(b, []string{"-drain-timeout", "30s", "-goodbye-spread", "2s"}, false)
+		var errs atomic.Int64
+		var sample atomic.Value
+		fail := func(err error) {
+			errs.Add(1)
+			sample.CompareAndSwap(nil, err.Error())
+		}
+		var wg sync.WaitGroup
+		opened := make(chan struct{}, idle+sockets)
+		sem := make(chan struct{}, 200) // concurrent dials
+		for range idle {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sem <- struct{}{}
+				c, err := net.Dial("tcp", srv.Addr)
+				if err == nil {
+					_, err = io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+				}
+				var resp *http.Response
+				r := bufio.NewReader(c)
+				if err == nil {
+					resp, err = http.ReadResponse(r, nil)
+				}
+				<-sem
+				if err != nil {
+					fail(err)
+					return
+				}
+				defer c.Close()
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				opened <- struct{}{}
+				c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+				if _, err := r.ReadByte(); !errors.Is(err, io.EOF) {
+					fail(fmt.Errorf("idle connection: want EOF, got %v", err))
+				}
+			}()
+		}
+		for range sockets {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sem <- struct{}{}
+				ws, _, err := websocket.DefaultDialer.Dial("ws://"+srv.Addr+"/ws", nil)
+				<-sem
+				if err != nil {
+					fail(err)
+					return
+				}
+				defer ws.Close()
+				opened <- struct{}{}
+				ws.SetReadDeadline(time.Now().Add(2 * time.Minute))
+				if _, _, err := ws.ReadMessage(); !websocket.IsCloseError(err, websocket.CloseServiceRestart) {
+					fail(fmt.Errorf("websocket: want close 1012, got %v", err))
+				}
+			}()
+		}
+		for range idle + sockets - int(errs.Load()) {
+			select {
+			case <-opened:
+			case <-time.After(time.Minute):
+				b.Fatalf("connections not open after a minute (%d errors, first: %v)", errs.Load(), sample.Load())
+			}
+		}
+		old := srv.PID()
+		steady := procStatus(old, "VmRSS")
+		peak := atomic.Int64{}
+		stopWatch := make(chan struct{})
+		watched := make(chan struct{})
+		go func() { // the old process's high-water mark until it exits
+			defer close(watched)
+			for {
+				if v := procStatus(old, "VmHWM"); v > 0 {
+					peak.Store(v)
+				}
+				select {
+				case <-stopWatch:
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}()
+		u, err := srv.Upgrade(context.Background(), time.Minute)
+		close(stopWatch)
+		<-watched
+		if err != nil {
+			b.Fatal(err)
+		}
+		wg.Wait()
+		b.ReportMetric(float64(u.OldExit.Milliseconds()), "ms-to-old-exit")
+		b.ReportMetric(float64(steady)/1024, "old-steady-RSS-MiB")
+		b.ReportMetric(float64(peak.Load())/1024, "old-peak-RSS-MiB")
+		b.ReportMetric(float64(errs.Load()), "client-errors")
+		if errs.Load() > 0 {
+			b.Logf("first client error: %v", sample.Load())
+		}
+	}
+}
+
+// procStatus returns a kB field of /proc/pid/status, or 0.
+func procStatus(pid int, field string) int64 {
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
