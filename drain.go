@@ -34,7 +34,8 @@ import (
 //     included, like [http.Server.Close].
 func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 	t := newTracker()
-	s := &httpServer{p: p, srv: srv, ln: &trackedListener{Listener: ln, t: t}, t: t}
+	t.log = p.log
+	s := &httpServer{p: p, srv: srv, ln: &trackedListener{Listener: ln, t: t}, t: t, tls: srv.TLSConfig != nil}
 
 	base := srv.BaseContext
 	srv.BaseContext = func(l net.Listener) context.Context {
@@ -56,27 +57,59 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 		next = http.DefaultServeMux
 	}
 	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ProtoMajor == 1 && p.isDraining() {
+		if r.ProtoMajor == 1 && p.isDraining() && (r.TLS != nil || !p.canHandOff()) {
 			// The client closes the connection after this response instead
-			// of reusing it: no race with a close from our side.
+			// of reusing it: no race with a close from our side. (A plain
+			// connection that can be handed to the successor stays open: it
+			// is passed on when it next goes idle.)
 			w.Header().Set("Connection", "close")
 		}
 		next.ServeHTTP(w, r)
 	})
 	p.addListener(s.ln)
+	if !s.tls && p.hasParent() {
+		// Connections the parent hands over are served as if accepted here.
+		inj := newInjectListener(ln.Addr())
+		p.injectMu.Lock()
+		p.injectors[ln.Addr().String()] = inj
+		p.injectMu.Unlock()
+		s.inject = &trackedListener{Listener: inj, t: t}
+		s.injector = inj
+	}
 	p.Add(s.run, s.stop)
 }
 
 type httpServer struct {
-	p   *Process
-	srv *http.Server
-	ln  *trackedListener
-	t   *tracker
+	p        *Process
+	srv      *http.Server
+	ln       *trackedListener
+	t        *tracker
+	inject   *trackedListener // handed-off connections, in a successor
+	injector *injectListener
+	tls      bool // decided at Serve: net/http may set TLSConfig itself later (HTTP/2)
 }
 
 func (s *httpServer) run() error {
+	if s.inject != nil {
+		injected := make(chan struct{})
+		go func() {
+			defer close(injected)
+			defer close(s.injector.stopped)
+			s.srv.Serve(s.inject) // ends once the parent is gone
+		}()
+		defer func() {
+			<-injected
+			// Connections the parent handed over late, during our own
+			// drain, are still being passed on: wait for them.
+			ctx, cancel := context.WithTimeout(context.Background(), s.p.opts.DrainTimeout)
+			defer cancel()
+			if s.p.isDraining() && s.t.waitUntil(ctx, func() bool { return s.t.count() == 0 }) != nil {
+				s.t.closeAll()
+			}
+		}()
+	}
 	var err error
-	if s.srv.TLSConfig != nil {
+	if s.tls {
 		// net/http wraps our listener in TLS itself, so it sees *tls.Conn
 		// (ALPN, HTTP/2) and we still track the TCP connection under it.
 		err = s.srv.ServeTLS(s.ln, "", "")
@@ -96,7 +129,26 @@ const lingerTimeout = 500 * time.Millisecond
 func (s *httpServer) stop(ctx context.Context) error {
 	log := s.p.log
 	s.ln.Close()
+	if s.p.canHandOff() {
+		key := s.ln.Addr().String()
+		s.t.mu.Lock()
+		s.t.handoff = func(c net.Conn) error { return s.p.handOffConn(key, c) }
+		s.t.mu.Unlock()
+		defer func() {
+			if n := s.t.handed.Load(); n > 0 {
+				log.Info("idle connections handed to the new process", "conns", n)
+			}
+		}()
+	}
 	s.t.startDrain()
+	if s.injector != nil {
+		// Connections our parent still hands over must be in the tracker
+		// before Shutdown, which would answer them "Connection: close".
+		select {
+		case <-s.injector.done:
+		case <-ctx.Done():
+		}
+	}
 	if err := s.retireKeepAlive(ctx); err != nil {
 		n := s.t.count()
 		s.srv.Close()
@@ -158,22 +210,37 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 		var due []*trackedConn
 		var next time.Time
 		for c := range s.t.conns {
-			if c.h2.Load() || c.lingering.Load() {
+			if rs := c.rs(); c.h2.Load() || c.lingering.Load() || rs == readHanded {
+				continue
+			} else if rs == readClaimed {
+				// Passed on once net/http closes it, unless a request beats
+				// the claim: then it must be served before Shutdown.
+				next = now.Add(grace)
 				continue
 			}
+			// With a successor, a plain connection stays open (no
+			// "Connection: close") until it is passed on at its next idle
+			// moment; Shutdown, which closes connections after their
+			// response, must wait until every one is.
+			handoff := s.t.handoff != nil && c.tls == nil
 			switch c.state {
 			case http.StateActive:
-				if c.preDrain {
+				if c.preDrain || handoff {
 					next = now.Add(grace) // wait for its state change
 				}
 			case http.StateIdle, http.StateNew:
-				if c.rstate.Load() != readNone {
-					// A request is arriving; it gets "Connection: close". Wait
-					// until net/http sees it (StateActive), or Shutdown would
-					// close the still idle-looking connection under it.
-					if c.state == http.StateIdle {
+				if c.rs() != readNone {
+					// A request is arriving; without a successor it gets
+					// "Connection: close". Wait until net/http sees it
+					// (StateActive), or Shutdown would close the still
+					// idle-looking connection under it.
+					if c.state == http.StateIdle || handoff {
 						next = now.Add(grace)
 					}
+					continue
+				}
+				if s.t.handoff != nil && c.claimLocked() {
+					next = now.Add(grace) // net/http closes it at once, passing it on
 					continue
 				}
 				at := c.since
@@ -195,6 +262,9 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 		if len(due) > 0 {
 			continue
 		}
+		if s.injector != nil && len(s.injector.c) > 0 {
+			next = now.Add(time.Millisecond) // handed over, not yet accepted
+		}
 		if next.IsZero() {
 			return nil
 		}
@@ -208,12 +278,44 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 	}
 }
 
+// claimLocked claims an idle plain HTTP/1 connection for the successor:
+// nothing may have been read since it went idle, and a read in progress is
+// woken by a deadline in the past. net/http then sees EOF and closes it,
+// and Close passes it on. Called with t.mu held.
+func (c *trackedConn) claimLocked() bool {
+	if c.tls != nil || c.h2.Load() || (c.state != http.StateIdle && c.state != http.StateNew) {
+		return false
+	}
+	if !c.transition(readNone, readClaimed) {
+		return false
+	}
+	c.Conn.SetReadDeadline(time.Unix(1, 0))
+	return true
+}
+
+// handOff passes a claimed connection to the successor. If that fails the
+// connection is retired instead: FIN and read-drain, as without successor.
+func (c *trackedConn) handOff() {
+	c.t.mu.Lock()
+	send := c.t.handoff
+	c.t.mu.Unlock()
+	if send != nil && send(c.Conn) == nil {
+		c.t.handed.Add(1)
+		return
+	}
+	c.transition(readHanded, readRetired)
+	c.lingering.Store(true)
+	c.CloseWrite()
+	c.Conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+	time.AfterFunc(lingerTimeout, func() { c.closeNow() })
+}
+
 // retire says goodbye to an idle HTTP/1 connection: TLS close_notify, FIN,
 // then a read-drain that discards anything the peer still sends, so no
 // request starts and the close sends no RST. It does nothing, and returns
 // false, if bytes of a request arrived first.
 func (c *trackedConn) retire() bool {
-	if !c.rstate.CompareAndSwap(readNone, readRetired) {
+	if !c.transition(readNone, readRetired) {
 		return false
 	}
 	c.lingering.Store(true)
@@ -421,4 +523,74 @@ func (s *connServer) stop(ctx context.Context) error {
 	}
 	s.handlers.Wait()
 	return nil
+}
+
+// injectListener delivers the connections a parent hands over to the
+// http.Server that serves its listener's address, through Accept. It keeps
+// accepting through our own drain (net/http's Close of it is ignored) until
+// the parent is gone and every connection it sent is delivered: one sent
+// late is served, or passed on, like any other.
+type injectListener struct {
+	addr    net.Addr
+	c       chan net.Conn
+	once    sync.Once
+	done    chan struct{} // the parent is gone: no more connections
+	stopped chan struct{} // nobody accepts any more (closed by run)
+}
+
+func newInjectListener(addr net.Addr) *injectListener {
+	return &injectListener{addr: addr, c: make(chan net.Conn, 64), done: make(chan struct{}), stopped: make(chan struct{})}
+}
+
+func (l *injectListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.c:
+		return c, nil
+	default:
+	}
+	select {
+	case c := <-l.c:
+		return c, nil
+	case <-l.done:
+		select {
+		case c := <-l.c:
+			return c, nil
+		default:
+			return nil, net.ErrClosed
+		}
+	}
+}
+
+// Close is a no-op: http.Server.Shutdown must not drop connections still
+// on their way from the parent. finish ends the listener.
+func (l *injectListener) Close() error { return nil }
+
+func (l *injectListener) finish() { l.once.Do(func() { close(l.done) }) }
+
+func (l *injectListener) Addr() net.Addr { return l.addr }
+
+// inject serves c, handed over by the parent, on the server of listener.
+func (p *Process) inject(listener string, c net.Conn) {
+	p.injectMu.Lock()
+	inj := p.injectors[listener]
+	p.injectMu.Unlock()
+	if inj == nil {
+		p.log.Warn("connection hand-off: no server for listener; closing", "listener", listener)
+		c.Close()
+		return
+	}
+	select {
+	case inj.c <- c:
+	case <-inj.stopped:
+		c.Close() // the server is gone (it failed): nobody can serve it
+	}
+}
+
+// closeInjectors ends the hand-off: the parent is gone.
+func (p *Process) closeInjectors() {
+	p.injectMu.Lock()
+	defer p.injectMu.Unlock()
+	for _, inj := range p.injectors {
+		inj.finish()
+	}
 }

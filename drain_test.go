@@ -4,10 +4,15 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -137,4 +142,152 @@ func TestDrainKeepAlive(t *testing.T) {
 	code, err := h.WaitExit(context.Background(), h.PID())
 	require.NoError(t, err)
 	assert.Equal(t, 0, code)
+}
+
+// strictClient is what Python's http.client or many SDKs do: one
+// connection, reused without checking it is still open, never retried.
+type strictClient struct {
+	rc       *rawConn
+	port     int
+	pids     map[string]bool
+	failures []string
+}
+
+func (sc *strictClient) do(method, path, body string) {
+	req := method + " " + path + " HTTP/1.1\r\nHost: test\r\n"
+	if body != "" {
+		req += "Content-Length: " + strconv.Itoa(len(body)) + "\r\n"
+	}
+	sc.rc.c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(sc.rc.c, req+"\r\n"+body); err != nil {
+		sc.failures = append(sc.failures, "write: "+err.Error())
+		return
+	}
+	resp, err := http.ReadResponse(sc.rc.r, nil)
+	if err != nil {
+		sc.failures = append(sc.failures, fmt.Sprintf("read (port %d): %v", sc.port, err))
+		return
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	want := "ok"
+	if body != "" {
+		want = body
+	}
+	switch {
+	case err != nil:
+		sc.failures = append(sc.failures, "body: "+err.Error())
+	case string(got) != want:
+		sc.failures = append(sc.failures, fmt.Sprintf("body %q, want %q", got, want))
+	case resp.Close:
+		sc.failures = append(sc.failures, "Connection: close (a strict client would not notice)")
+	default:
+		sc.pids[resp.Header.Get("X-Pid")] = true
+	}
+}
+
+// runStrictClients runs n strict clients, each pausing in [minPause,
+// maxPause) between requests, through upgrades, and returns them.
+func runStrictClients(t *testing.T, h *helper, n, upgrades int, minPause, maxPause time.Duration, post bool) []*strictClient {
+	clients := make([]*strictClient, n)
+	var done atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range clients {
+		rc := dialRaw(t, h.Addr)
+		sc := &strictClient{rc: rc, port: rc.c.LocalAddr().(*net.TCPAddr).Port, pids: map[string]bool{}}
+		clients[i] = sc
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for len(sc.failures) == 0 {
+				body := ""
+				if post {
+					body = strings.Repeat(strconv.Itoa(rand.IntN(10)), 1+rand.IntN(2000))
+					sc.do("POST", "/echo", body)
+				} else {
+					sc.do("GET", "/", "")
+				}
+				done.Add(1)
+				select {
+				case <-stop:
+					return
+				case <-time.After(minPause + rand.N(maxPause-minPause)):
+				}
+			}
+		}()
+	}
+	defer func() {
+		if t.Failed() {
+			for i, sc := range clients {
+				t.Logf("client %d failures: %v", i, sc.failures)
+			}
+		}
+	}()
+	for i := range upgrades {
+		waitFor(t, func() bool { return done.Load() >= int64((i+1)*n) })
+		u, err := h.Upgrade(context.Background(), 20*time.Second)
+		require.NoError(t, err, "upgrade %d", i+1)
+		assert.Equal(t, 0, u.ExitCode)
+	}
+	target := done.Load() + int64(n)
+	waitFor(t, func() bool { return done.Load() >= target })
+	close(stop)
+	wg.Wait()
+	for _, sc := range clients {
+		assert.Equal(t, sc.port, sc.rc.c.LocalAddr().(*net.TCPAddr).Port)
+	}
+	return clients
+}
+
+// TestHandOffStrictClients: clients that never retry and never check their
+// connection keep it idle longer than IdleGrace across 8 upgrades. The
+// idle connections are handed to each new process: 0 failures, and the
+// same TCP connection is served by many generations. With NoHandOff the
+// same clients fail (the close-based drain cannot help them).
+func TestHandOffStrictClients(t *testing.T) {
+	t.Run("hand-off", func(t *testing.T) {
+		t.Parallel()
+		h := startHelper(t, []string{"-idle-grace", "200ms"}, loadtest.Config{})
+		clients := runStrictClients(t, h, 8, 8, 300*time.Millisecond, 700*time.Millisecond, false)
+		for i, sc := range clients {
+			assert.Empty(t, sc.failures, "client %d", i)
+			assert.GreaterOrEqual(t, len(sc.pids), 3, "client %d: one connection, served by several generations", i)
+		}
+		assert.NotEmpty(t, h.logs.lines("idle connections handed to the new process"))
+	})
+	t.Run("close-based drain fails them", func(t *testing.T) {
+		t.Parallel()
+		h := startHelper(t, []string{"-idle-grace", "200ms", "-no-handoff"}, loadtest.Config{})
+		clients := make([]*strictClient, 4)
+		for i := range clients {
+			rc := dialRaw(t, h.Addr)
+			clients[i] = &strictClient{rc: rc, pids: map[string]bool{}}
+			clients[i].do("GET", "/", "")
+			require.Empty(t, clients[i].failures)
+		}
+		_, err := h.Upgrade(context.Background(), 20*time.Second)
+		require.NoError(t, err)
+		failed := 0
+		for _, sc := range clients {
+			sc.do("GET", "/", "")
+			if len(sc.failures) > 0 {
+				failed++
+			}
+		}
+		assert.Equal(t, len(clients), failed, "idle connections were closed under the clients")
+	})
+}
+
+// TestHandOffByteIntegrity: clients POST bodies back to back with random
+// pauses from 0 to 3 ms, so requests arrive at every instant of a claim,
+// through 8 upgrades: every echo is intact, none is lost or duplicated
+// (a strict client would see either as a failure), and no connection is
+// closed under its client.
+func TestHandOffByteIntegrity(t *testing.T) {
+	h := startHelper(t, nil, loadtest.Config{})
+	clients := runStrictClients(t, h, 12, 8, 0, 3*time.Millisecond, true)
+	for i, sc := range clients {
+		assert.Empty(t, sc.failures, "client %d", i)
+	}
 }

@@ -66,6 +66,13 @@ type Options struct {
 	// [DefaultIdleGrace]; it never extends past DrainTimeout.
 	IdleGrace time.Duration
 
+	// NoHandOff turns off the hand-off of idle connections: by default,
+	// when an upgrade succeeds, the old process passes its idle plain
+	// HTTP/1 keep-alive connections to the new one instead of closing them,
+	// so that even clients that never retry see nothing. TLS and HTTP/2
+	// connections are always drained by closing (close_notify, GOAWAY).
+	NoHandOff bool
+
 	// GoodbyeSpread spreads the goodbyes of long-lived streams (see
 	// [Process.Goodbye]) evenly over this much of the drain, so that their
 	// clients do not reconnect all at once. It must be shorter than
@@ -136,6 +143,9 @@ type Process struct {
 	upgrades     sync.WaitGroup // Upgrade attempts still running
 
 	listeners []io.Closer // of served listeners, closed first in a drain
+
+	injectMu  sync.Mutex
+	injectors map[string]*injectListener // by listener address: where handed-off connections go
 
 	hooksMu      sync.Mutex
 	hooksStarted bool
@@ -225,6 +235,7 @@ func New(opts Options) (*Process, error) {
 		drainingC: make(chan struct{}),
 		upgradedC: make(chan struct{}),
 		goodbyes:  make(map[chan struct{}]struct{}),
+		injectors: make(map[string]*injectListener),
 	}
 	if err := p.initPlatform(); err != nil {
 		created.Store(false)
@@ -353,6 +364,7 @@ func (p *Process) Run(ctx context.Context) error {
 		p.startLocked(e)
 	}
 	p.mu.Unlock()
+	p.receiveHandoffs()
 
 	if err := p.declareReady(); err != nil {
 		p.log.Error("declaring ready failed", "err", err)
@@ -400,6 +412,7 @@ loop:
 		p.delayDrain(drainSig)
 	}
 	drainErr := p.drain(reason)
+	p.waitHandoffs()
 	p.mu.Lock()
 	runErr := p.exitErr
 	p.mu.Unlock()

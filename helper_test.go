@@ -96,13 +96,14 @@ func helperMain() int {
 	drainTimeout := fs.Duration("drain-timeout", 5*time.Second, "")
 	drainDelay := fs.Duration("drain-delay", 0, "")
 	idleGrace := fs.Duration("idle-grace", 0, "")
+	noHandOff := fs.Bool("no-handoff", false, "")
 	control := fs.String("control", "", "")
 	h2c := fs.Bool("h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
 	useTLS := fs.Bool("tls", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
-	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, IdleGrace: *idleGrace, ControlSocket: *control}
+	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, IdleGrace: *idleGrace, NoHandOff: *noHandOff, ControlSocket: *control}
 	if mode == modeCheckFail {
 		opts.UpgradeTimeout = time.Hour // the parent's timeout must be what ends it
 	}
@@ -176,7 +177,14 @@ func helperMux(p *graceful.Process, log *slog.Logger) *http.ServeMux {
 	})
 	mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Pid", pid)
-		io.Copy(w, r.Body)
+		// Read it all first: net/http's HTTP/1 server stops the body once
+		// the response starts (past 512 bytes).
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.Write(b)
 	})
 	// /slow?ms=N logs that it started, then answers after N ms.
 	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -142,6 +143,11 @@ type tracker struct {
 	changed    chan struct{} // closed on the next change; nil while nobody waits
 	draining   bool
 	drainStart time.Time
+	// handoff, set during a drain with a successor, passes a claimed
+	// connection on; handed counts those it passed.
+	handoff func(net.Conn) error
+	handed  atomic.Int64
+	log     *slog.Logger // debug records of connections closed, not passed on, during a hand-off
 }
 
 func newTracker() *tracker {
@@ -215,8 +221,15 @@ func (t *tracker) setState(c net.Conn, s http.ConnState) {
 	tc.preDrain = false
 	if s == http.StateIdle {
 		tc.since = time.Now()
-		// What is read from now on is a new request.
-		tc.rstate.CompareAndSwap(readSeen, readNone)
+	}
+	if (s == http.StateIdle || s == http.StateNew) && t.handoff != nil {
+		// Claimed before net/http's next read, which then sees EOF. (A new
+		// connection during a drain is one our parent handed us late.)
+		tc.claimLocked()
+	}
+	if s == http.StateActive && tc.transition(readClaimed, readSeen) {
+		// A request was already buffered in net/http (pipelining): serve it.
+		tc.Conn.SetReadDeadline(time.Time{})
 	}
 	t.notifyLocked()
 }
@@ -297,12 +310,17 @@ func (l *trackedListener) Close() error {
 	return l.closeErr
 }
 
-// Read states of a trackedConn, which make retiring an idle connection
-// atomic with respect to a request arriving on it (see retire).
+// Read states of a trackedConn, which make retiring or claiming an idle
+// connection atomic with respect to a request arriving on it. The state
+// shares its word with readingBit, set while a Read is in the socket.
 const (
-	readNone    int32 = iota // nothing read since the connection went idle
+	readNone    int32 = iota // nothing read since the last response began
 	readSeen                 // bytes of a request were handed to net/http
 	readRetired              // retired: whatever arrives is discarded
+	readClaimed              // claimed for the successor: net/http gets EOF, nothing is read
+	readHanded               // passed to the successor (or being passed)
+
+	readingBit int32 = 1 << 4
 )
 
 // trackedConn removes itself from its tracker when closed, whoever closes
@@ -310,8 +328,8 @@ const (
 type trackedConn struct {
 	net.Conn
 	t       *tracker
-	rstate  atomic.Int32
-	h2      atomic.Bool // HTTP/2: drained by GOAWAY, never retired
+	rstate  atomic.Int32 // a read state | readingBit
+	h2      atomic.Bool  // HTTP/2: drained by GOAWAY, never retired
 	readAny atomic.Bool
 
 	// Guarded by t.mu.
@@ -322,37 +340,116 @@ type trackedConn struct {
 
 	closeOnce  sync.Once
 	closeErr   error
+	handOnce   sync.Once
 	lingering  atomic.Bool // retired: Close waits for the read-drain or the linger timer
 	lingerDone atomic.Bool
 }
 
-// Read hands net/http what the peer sends, except on a retired connection:
-// there it discards everything until the peer closes, then reports EOF, so
-// no request is started after the goodbye and closing sends no RST.
-func (c *trackedConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	if n > 0 && !c.readAny.Load() {
-		c.readAny.Store(true)
-		if bytes.HasPrefix(b[:n], []byte("PRI ")) {
-			c.h2.Store(true) // HTTP/2 with prior knowledge (h2c)
+// rs returns the read state.
+func (c *trackedConn) rs() int32 { return c.rstate.Load() &^ readingBit }
+
+// transition moves the read state from one value to another, keeping the
+// reading bit; it fails if the state is not from.
+func (c *trackedConn) transition(from, to int32) bool {
+	for {
+		v := c.rstate.Load()
+		if v&^readingBit != from {
+			return false
+		}
+		if c.rstate.CompareAndSwap(v, to|v&readingBit) {
+			return true
 		}
 	}
-	if n > 0 && c.rstate.Load() == readNone {
-		c.rstate.CompareAndSwap(readNone, readSeen)
-	}
-	if c.rstate.Load() != readRetired {
-		return n, err
-	}
-	for err == nil {
-		_, err = c.Conn.Read(b)
-	}
-	c.lingerDone.Store(true) // the peer closed, or the linger deadline passed
-	return 0, io.EOF
 }
 
-// Close closes the connection, unless it is retired and still lingering:
-// then the read-drain's end, or the linger timer, closes it.
+// beginRead sets the reading bit unless the connection is claimed or handed.
+func (c *trackedConn) beginRead() bool {
+	for {
+		v := c.rstate.Load()
+		if s := v &^ readingBit; s == readClaimed || s == readHanded {
+			return false
+		}
+		if c.rstate.CompareAndSwap(v, v|readingBit) {
+			return true
+		}
+	}
+}
+
+func (c *trackedConn) endRead() {
+	for {
+		v := c.rstate.Load()
+		if c.rstate.CompareAndSwap(v, v&^readingBit) {
+			return
+		}
+	}
+}
+
+// Read hands net/http what the peer sends, except on a retired connection
+// (it discards everything until the peer closes, then reports EOF, so no
+// request starts after the goodbye and closing sends no RST) and on a
+// claimed one (it reads nothing and reports EOF: what the peer sends stays
+// in the socket for the successor).
+func (c *trackedConn) Read(b []byte) (int, error) {
+	if !c.beginRead() {
+		return 0, io.EOF
+	}
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		if !c.readAny.Load() {
+			c.readAny.Store(true)
+			if bytes.HasPrefix(b[:n], []byte("PRI ")) {
+				c.h2.Store(true) // HTTP/2 with prior knowledge (h2c)
+			}
+		}
+		if !c.transition(readNone, readSeen) && c.rs() == readClaimed {
+			// Bytes beat the claim: cancel it and serve them here; undo
+			// the claim's deadline under the lock that set it.
+			c.t.mu.Lock()
+			if c.transition(readClaimed, readSeen) {
+				c.Conn.SetReadDeadline(time.Time{})
+			}
+			c.t.mu.Unlock()
+		}
+	}
+	c.endRead()
+	switch c.rs() {
+	case readRetired:
+		for err == nil {
+			_, err = c.Conn.Read(b)
+		}
+		c.lingerDone.Store(true) // the peer closed, or the linger deadline passed
+		return 0, io.EOF
+	case readClaimed, readHanded:
+		if n == 0 {
+			return 0, io.EOF // woken by the claim's deadline
+		}
+	}
+	return n, err
+}
+
+// Close closes the connection. A claimed connection is first passed to the
+// successor (or, if that fails, retired); while a Read is in its socket,
+// the pass waits for the reader, which returns EOF so that net/http closes
+// again. A retired one still lingering is closed by the read-drain's end or
+// the linger timer instead.
 func (c *trackedConn) Close() error {
+	for {
+		v := c.rstate.Load()
+		if v&^readingBit != readClaimed {
+			break
+		}
+		if v&readingBit != 0 {
+			return nil
+		}
+		if c.rstate.CompareAndSwap(v, readHanded) {
+			break
+		}
+	}
+	if c.rs() == readHanded {
+		// net/http may close twice (Shutdown, and the serve goroutine):
+		// the second waits for the hand-off before anything is closed.
+		c.handOnce.Do(c.handOff)
+	}
 	if c.lingering.Load() && !c.lingerDone.Load() {
 		return nil
 	}
@@ -360,6 +457,13 @@ func (c *trackedConn) Close() error {
 }
 
 func (c *trackedConn) closeNow() error {
+	if c.t.log != nil && c.rs() != readHanded {
+		c.t.mu.Lock()
+		if c.t.handoff != nil {
+			c.t.log.Debug("connection closed, not handed over", "state", c.state.String(), "read_state", c.rstate.Load(), "remote", c.RemoteAddr().String())
+		}
+		c.t.mu.Unlock()
+	}
 	c.closeOnce.Do(func() {
 		c.closeErr = c.Conn.Close()
 		c.t.remove(c)
@@ -376,8 +480,23 @@ func (c *trackedConn) CloseWrite() error {
 	return nil
 }
 
+// Write marks the start of a response: what is read from now on belongs to
+// the next request. net/http's background read may take the first byte of
+// that request before the connection is reported idle; set the mark when
+// the response goes out, so that such a connection is never claimed or
+// retired, instead of when it goes idle.
+func (c *trackedConn) Write(b []byte) (int, error) {
+	if c.rs() == readSeen {
+		c.transition(readSeen, readNone)
+	}
+	return c.Conn.Write(b)
+}
+
 // ReadFrom keeps the sendfile/splice path of the underlying connection.
 func (c *trackedConn) ReadFrom(r io.Reader) (int64, error) {
+	if c.rs() == readSeen {
+		c.transition(readSeen, readNone)
+	}
 	if rf, ok := c.Conn.(io.ReaderFrom); ok {
 		return rf.ReadFrom(r)
 	}

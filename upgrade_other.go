@@ -27,3 +27,11 @@ func (p *Process) upgrade() error { return ErrNotSupported }
 func (p *Process) notifyReady() error { return nil }
 
 func (p *Process) stopPlatform() {}
+
+func (p *Process) canHandOff() bool { return false }
+
+func (p *Process) handOffConn(string, net.Conn) error { return ErrNotSupported }
+
+func (p *Process) receiveHandoffs() { p.closeInjectors() }
+
+func (p *Process) waitHandoffs() {}

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/cloudflare/tableflip"
@@ -30,6 +31,57 @@ type platform struct {
 
 	mu        sync.Mutex
 	activated []*activatedSocket // sockets from systemd not yet claimed
+
+	// Idle connections go to the successor over handoffOut; they come from
+	// the parent over handoffIn (see handOffConn, receiveHandoffs).
+	handoffOut *net.UnixConn
+	handoffIn  *net.UnixConn
+	received   sync.WaitGroup
+}
+
+// handoffName names, among the files passed to a new process, the channel
+// on which process pid hands its idle connections to its successor.
+func handoffName(pid int) string { return "graceful-handoff-" + strconv.Itoa(pid) }
+
+// newHandoff makes the channel to a future successor: a SOCK_SEQPACKET pair,
+// one message per connection (its listener's address, its descriptor). The
+// successor's end is passed to every child tableflip starts.
+func newHandoff(upg *tableflip.Upgrader) (*net.UnixConn, error) {
+	syscall.ForkLock.RLock() // no fork between creating and marking close-on-exec
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET, 0)
+	if err == nil {
+		unix.CloseOnExec(fds[0])
+		unix.CloseOnExec(fds[1])
+	}
+	syscall.ForkLock.RUnlock()
+	if err != nil {
+		return nil, err
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "handoff"), os.NewFile(uintptr(fds[1]), "handoff-successor")
+	defer ours.Close()
+	defer theirs.Close() // AddFile and FileConn keep duplicates
+	if err := upg.Fds.AddFile(handoffName(os.Getpid()), theirs); err != nil {
+		return nil, err
+	}
+	c, err := net.FileConn(ours)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.UnixConn), nil
+}
+
+// inheritHandoff returns the parent's channel, or nil.
+func inheritHandoff(upg *tableflip.Upgrader) (*net.UnixConn, error) {
+	f, err := upg.Fds.File(handoffName(os.Getppid()))
+	if err != nil || f == nil {
+		return nil, err
+	}
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.UnixConn), nil
 }
 
 type activatedSocket struct {
@@ -73,8 +125,14 @@ func (p *Process) initPlatform() error {
 		}
 	}
 	p.plat = platform{upg: upg, activated: acts, parentGone: make(chan struct{})}
+	if p.plat.handoffOut, err = newHandoff(upg); err != nil {
+		p.log.Warn("no connection hand-off channel; idle connections will be closed at upgrades", "err", err)
+	}
 	if upg.HasParent() {
 		p.plat.parentPID = os.Getppid()
+		if p.plat.handoffIn, err = inheritHandoff(upg); err != nil {
+			p.log.Warn("cannot use the parent's connection hand-off channel", "err", err)
+		}
 		unix.CloseOnExec(3)
 		unix.CloseOnExec(4)
 		go func() {
@@ -176,6 +234,81 @@ func (p *Process) notifyReady() error {
 }
 
 func (p *Process) stopPlatform() { p.plat.upg.Stop() }
+
+// waitHandoffs waits until the parent has exited and every connection it
+// handed over is delivered (bounded by the parent's drain deadline).
+func (p *Process) waitHandoffs() { p.plat.received.Wait() }
+
+// canHandOff reports whether idle connections can go to a successor now.
+func (p *Process) canHandOff() bool {
+	return p.plat.handoffOut != nil && !p.opts.NoHandOff && p.isUpgraded()
+}
+
+// handOffConn sends c's descriptor, and the address of the listener that
+// accepted it, to the successor. Our descriptor stays ours to close.
+func (p *Process) handOffConn(listener string, c net.Conn) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("%T has no descriptor", c)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	out := p.plat.handoffOut
+	out.SetWriteDeadline(time.Now().Add(time.Second)) // a successor not reading: fall back
+	var werr error
+	if err := raw.Control(func(fd uintptr) {
+		_, _, werr = out.WriteMsgUnix([]byte(listener), unix.UnixRights(int(fd)), nil)
+	}); err != nil {
+		return err
+	}
+	return werr
+}
+
+// receiveHandoffs serves the connections the parent hands over until it
+// exits (EOF) or we stop.
+func (p *Process) receiveHandoffs() {
+	in := p.plat.handoffIn
+	if in == nil {
+		p.closeInjectors()
+		return
+	}
+	p.plat.received.Add(1)
+	go func() {
+		defer p.plat.received.Done()
+		defer in.Close()
+		defer p.closeInjectors()
+		buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(4*4))
+		for {
+			n, oobn, _, _, err := in.ReadMsgUnix(buf, oob)
+			if err != nil || n == 0 && oobn == 0 {
+				return // the parent exited, or we stop
+			}
+			msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+			if err != nil {
+				p.log.Warn("connection hand-off: malformed message", "err", err)
+				continue
+			}
+			for _, m := range msgs {
+				fds, err := unix.ParseUnixRights(&m)
+				if err != nil {
+					continue
+				}
+				for _, fd := range fds {
+					f := os.NewFile(uintptr(fd), "handed-off")
+					c, err := net.FileConn(f)
+					f.Close()
+					if err != nil {
+						p.log.Warn("connection hand-off: unusable descriptor", "err", err)
+						continue
+					}
+					p.inject(string(buf[:n]), c)
+				}
+			}
+		}
+	}()
+}
 
 // takeActivated adopts the sockets systemd passed with LISTEN_FDS, after
 // checking every variable and descriptor: malformed input is an error and

@@ -128,10 +128,15 @@ func routes(p *graceful.Process) http.Handler {
 		io.WriteString(w, "ok")
 	})
 	mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("X-Pid", pid)
-		if _, err := io.Copy(w, r.Body); err != nil {
+		// Read it all first: net/http's HTTP/1 server stops reading the
+		// body once the response starts (past 512 bytes).
+		b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 16<<20))
+		if err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
 		}
+		w.Header().Set("X-Pid", pid)
+		w.Write(b)
 	})
 	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
 		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
