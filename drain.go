@@ -32,6 +32,13 @@ import (
 //  4. hijacked connections (WebSocket, ...) are waited for;
 //  5. at the deadline whatever is left is force-closed, hijacked connections
 //     included, like [http.Server.Close].
+//
+// When the drain follows a successful upgrade, step 2 differs for plain
+// (non-TLS) HTTP/1 connections unless [Options.NoHandOff] is set: they are
+// not closed but handed to the new process, each the moment it is idle, with
+// any bytes the client has already sent still unread in the socket. The
+// client keeps its connection and never notices. A request that arrives as
+// the connection is being claimed is served here first.
 func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 	t := newTracker()
 	t.log = p.log

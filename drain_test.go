@@ -291,3 +291,34 @@ func TestHandOffByteIntegrity(t *testing.T) {
 		assert.Empty(t, sc.failures, "client %d", i)
 	}
 }
+
+// TestHandOffSuccessorDies pins what happens when the new process dies
+// right after taking the connections: they die with it, as with any crash.
+// The old process has already exited (a hand-off is not undone), so each
+// client's next request fails at once with EOF or a reset, never hangs,
+// and nothing accepts new connections. Supervisors (systemd Restart=,
+// Kubernetes) restart the service; graceful cannot.
+func TestHandOffSuccessorDies(t *testing.T) {
+	h := startHelper(t, nil, loadtest.Config{})
+	clients := make([]*strictClient, 4)
+	for i := range clients {
+		clients[i] = &strictClient{rc: dialRaw(t, h.Addr), pids: map[string]bool{}}
+		clients[i].do("GET", "/", "")
+		require.Empty(t, clients[i].failures)
+	}
+	u, err := h.Upgrade(context.Background(), 20*time.Second)
+	require.NoError(t, err)
+	h.logs.waitLog(t, "idle connections handed to the new process")
+	require.NoError(t, h.Signal(syscall.SIGKILL))
+	_, err = h.WaitExit(context.Background(), u.NewPID)
+	require.NoError(t, err)
+	for i, sc := range clients {
+		start := time.Now()
+		sc.do("GET", "/", "")
+		require.Len(t, sc.failures, 1, "client %d", i)
+		assert.Regexp(t, "EOF|reset|broken pipe", sc.failures[0])
+		assert.Less(t, time.Since(start), 5*time.Second, "fails at once")
+	}
+	_, err = net.Dial("tcp", h.Addr)
+	assert.ErrorIs(t, err, syscall.ECONNREFUSED)
+}

@@ -17,8 +17,8 @@
 // Further flags: -drain-timeout, -upgrade-timeout, -drain-delay,
 // -control path (a control socket for gracefulctl: "upgrade" answers with
 // the outcome), -goodbye-spread (stream goodbyes spread over that long),
-// -idle-grace, -h2c (HTTP/2 without TLS too), -tls-self-signed (HTTPS with
-// HTTP/2, certificate made at start).
+// -idle-grace, -no-handoff, -h2c (HTTP/2 without TLS too), -tls-self-signed
+// (HTTPS with HTTP/2, certificate made at start).
 package main
 
 import (
@@ -51,6 +51,7 @@ type config struct {
 	drain, upgrade, delay  time.Duration
 	spread, idleGrace      time.Duration
 	h2c, selfSigned        bool
+	noHandOff              bool
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -65,6 +66,7 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.DurationVar(&c.spread, "goodbye-spread", 0, "spread the goodbyes of SSE and WebSocket streams over this much of the drain")
 	fs.DurationVar(&c.idleGrace, "idle-grace", graceful.DefaultIdleGrace, "how long an idle keep-alive connection may carry one more request once the drain starts")
 	fs.BoolVar(&c.h2c, "h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
+	fs.BoolVar(&c.noHandOff, "no-handoff", false, "at upgrades, close idle connections instead of handing them to the new process")
 	fs.BoolVar(&c.selfSigned, "tls-self-signed", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a fresh self-signed certificate, for tests and benchmarks")
 	return c
 }
@@ -87,6 +89,7 @@ func main() {
 		ControlSocket:  c.control,
 		GoodbyeSpread:  c.spread,
 		IdleGrace:      c.idleGrace,
+		NoHandOff:      c.noHandOff,
 	}
 	if err := run(opts, c); err != nil {
 		log.Error("exiting", "err", err)

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -398,4 +399,115 @@ func procStatus(pid int, field string) int64 {
 		}
 	}
 	return 0
+}
+
+// BenchmarkStrictIdleClients compares the hand-off of idle connections with
+// the close-based drain (-no-handoff), in the same run: 20 clients that
+// never retry and never check their connection before reusing it, idle
+// 1.2-3 s between requests (longer than the 1 s IdleGrace), through 8
+// upgrades. It reports their failed requests, the connections handed over
+// per upgrade, and how long the old process took to exit.
+func BenchmarkStrictIdleClients(b *testing.B) {
+	const clients, upgrades = 20, 8
+	for _, mode := range []string{"handoff", "close"} {
+		b.Run(mode, func(b *testing.B) {
+			for range b.N {
+				var args []string
+				if mode == "close" {
+					args = []string{"-no-handoff"}
+				}
+				srv := startReference(b, args, false)
+				var requests, failed atomic.Int64
+				stop := make(chan struct{})
+				var wg sync.WaitGroup
+				for range clients {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						strictClient(srv.Addr, stop, &requests, &failed)
+					}()
+				}
+				var exits time.Duration
+				for i := range upgrades {
+					time.Sleep(1500 * time.Millisecond) // let connections sit idle
+					u, err := srv.Upgrade(context.Background(), time.Minute)
+					if err != nil {
+						b.Fatalf("upgrade %d: %v", i+1, err)
+					}
+					exits += u.OldExit
+				}
+				time.Sleep(3 * time.Second)
+				close(stop)
+				wg.Wait()
+				b.ReportMetric(float64(requests.Load()), "requests")
+				b.ReportMetric(float64(failed.Load()), "failed")
+				b.ReportMetric(float64(exits.Milliseconds())/upgrades, "ms-to-old-exit")
+				b.ReportMetric(float64(handedOff(b, srv))/upgrades, "handed/upgrade")
+			}
+		})
+	}
+}
+
+// strictClient sends GET / on one connection, pausing 1.2-3 s between
+// requests, never checking or retrying; after a failure it reconnects.
+func strictClient(addr string, stop <-chan struct{}, requests, failed *atomic.Int64) {
+	var c net.Conn
+	var r *bufio.Reader
+	defer func() {
+		if c != nil {
+			c.Close()
+		}
+	}()
+	for {
+		if c == nil {
+			var err error
+			if c, err = net.Dial("tcp", addr); err != nil {
+				failed.Add(1)
+				return
+			}
+			r = bufio.NewReader(c)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		_, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+		var resp *http.Response
+		if err == nil {
+			resp, err = http.ReadResponse(r, nil)
+		}
+		if err == nil {
+			_, err = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		requests.Add(1)
+		if err != nil || resp.Close {
+			if err != nil {
+				failed.Add(1)
+			}
+			c.Close()
+			c = nil
+		}
+		select {
+		case <-stop:
+			return
+		case <-time.After(1200*time.Millisecond + time.Duration(rand.Int64N(int64(1800*time.Millisecond)))):
+		}
+	}
+}
+
+// handedOff sums the connections the server's generations report handing
+// over, from its log.
+func handedOff(b *testing.B, srv *loadtest.Server) int {
+	logs, err := os.ReadFile(filepath.Join(filepath.Dir(srv.PIDFile), "server.log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(logs), "\n") {
+		if strings.Contains(line, "idle connections handed to the new process") {
+			if _, v, ok := strings.Cut(line, "conns="); ok {
+				k, _ := strconv.Atoi(strings.Fields(v)[0])
+				n += k
+			}
+		}
+	}
+	return n
 }
