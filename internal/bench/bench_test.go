@@ -237,12 +237,14 @@ func startReference(b *testing.B, args []string, tls bool) *loadtest.Server {
 
 // BenchmarkKeepAliveUpgrades is the long form of TestKeepAliveAcrossUpgrades:
 // keep-alive POST and GET workers (Go's http.Transport, random pauses up to
-// 30 ms) through 50 upgrades of the reference server, over HTTP/1.1, h2c and
-// HTTP/2 over TLS. It reports the failed requests (the target is 0).
+// 30 ms) through 50 upgrades of the reference server, 100 requests or more
+// on each generation, over HTTP/1.1 (with the hand-off of idle connections,
+// and with the close-based drain), h2c and HTTP/2 over TLS. It reports the
+// failed requests (the target is 0).
 func BenchmarkKeepAliveUpgrades(b *testing.B) {
 	const upgrades = 50
 	for _, tc := range []struct{ name, proto, flag string }{
-		{"http1", "", ""}, {"h2c", "h2c", "-h2c"}, {"h2", "h2", "-tls-self-signed"},
+		{"http1", "", ""}, {"http1-no-handoff", "", "-no-handoff"}, {"h2c", "h2c", "-h2c"}, {"h2", "h2", "-tls-self-signed"},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			for range b.N {
@@ -257,6 +259,11 @@ func BenchmarkKeepAliveUpgrades(b *testing.B) {
 				})
 				var exits time.Duration
 				for i := range upgrades {
+					// 100 requests on each generation first.
+					before, _ := load.Snapshot()
+					for n := before; n < before+100; n, _ = load.Snapshot() {
+						time.Sleep(2 * time.Millisecond)
+					}
 					u, err := srv.Upgrade(context.Background(), 30*time.Second)
 					if err != nil {
 						load.Stop()
@@ -278,109 +285,145 @@ func BenchmarkKeepAliveUpgrades(b *testing.B) {
 
 // BenchmarkDrain10kIdle holds 10,000 idle keep-alive connections and 1,000
 // WebSockets on the reference server, upgrades it, and reports how long the
-// old process took to drain and exit, its peak memory, and the client
-// errors: an idle connection must end with a FIN (EOF), never a reset; a
-// WebSocket with close 1012.
+// old process took to drain and exit, its memory, and the client errors.
+// "close" (-no-handoff): an idle connection must end with a FIN (EOF),
+// never a reset. "handoff": it must be handed over and answer its next
+// request from the new process. Either way a WebSocket ends with close 1012.
 func BenchmarkDrain10kIdle(b *testing.B) {
 	const idle, sockets = 10000, 1000
-	for range b.N {
-		srv := startReference(b, []string{"-drain-timeout", "30s", "-goodbye-spread", "2s"}, false)
-		var errs atomic.Int64
-		var sample atomic.Value
-		fail := func(err error) {
-			errs.Add(1)
-			sample.CompareAndSwap(nil, err.Error())
+	for _, mode := range []string{"close", "handoff"} {
+		b.Run(mode, func(b *testing.B) {
+			for range b.N {
+				args := []string{"-drain-timeout", "30s", "-goodbye-spread", "2s"}
+				if mode == "close" {
+					args = append(args, "-no-handoff")
+				}
+				drain10k(b, startReference(b, args, false), idle, sockets, mode == "handoff")
+			}
+		})
+	}
+}
+
+func drain10k(b *testing.B, srv *loadtest.Server, idle, sockets int, handoff bool) {
+	var errs atomic.Int64
+	var sample atomic.Value
+	fail := func(err error) {
+		errs.Add(1)
+		sample.CompareAndSwap(nil, err.Error())
+	}
+	var wg sync.WaitGroup
+	opened := make(chan struct{}, idle+sockets)
+	upgraded := make(chan struct{}) // closed after the upgrade
+	var newPID atomic.Int64
+	sem := make(chan struct{}, 200) // concurrent dials
+	get := func(c net.Conn, r *bufio.Reader) (*http.Response, error) {
+		if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
+			return nil, err
 		}
-		var wg sync.WaitGroup
-		opened := make(chan struct{}, idle+sockets)
-		sem := make(chan struct{}, 200) // concurrent dials
-		for range idle {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				sem <- struct{}{}
-				c, err := net.Dial("tcp", srv.Addr)
-				if err == nil {
-					_, err = io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n")
-				}
-				var resp *http.Response
-				r := bufio.NewReader(c)
-				if err == nil {
-					resp, err = http.ReadResponse(r, nil)
-				}
-				<-sem
-				if err != nil {
-					fail(err)
-					return
-				}
-				defer c.Close()
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				opened <- struct{}{}
-				c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+		resp, err := http.ReadResponse(r, nil)
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		return resp, err
+	}
+	for range idle {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			c, err := net.Dial("tcp", srv.Addr)
+			var r *bufio.Reader
+			if err == nil {
+				r = bufio.NewReader(c)
+				_, err = get(c, r)
+			}
+			<-sem
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer c.Close()
+			opened <- struct{}{}
+			c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+			if !handoff {
 				if _, err := r.ReadByte(); !errors.Is(err, io.EOF) {
 					fail(fmt.Errorf("idle connection: want EOF, got %v", err))
 				}
-			}()
-		}
-		for range sockets {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				sem <- struct{}{}
-				ws, _, err := websocket.DefaultDialer.Dial("ws://"+srv.Addr+"/ws", nil)
-				<-sem
-				if err != nil {
-					fail(err)
-					return
-				}
-				defer ws.Close()
-				opened <- struct{}{}
-				ws.SetReadDeadline(time.Now().Add(2 * time.Minute))
-				if _, _, err := ws.ReadMessage(); !websocket.IsCloseError(err, websocket.CloseServiceRestart) {
-					fail(fmt.Errorf("websocket: want close 1012, got %v", err))
-				}
-			}()
-		}
-		for range idle + sockets - int(errs.Load()) {
-			select {
-			case <-opened:
-			case <-time.After(time.Minute):
-				b.Fatalf("connections not open after a minute (%d errors, first: %v)", errs.Load(), sample.Load())
+				return
 			}
-		}
-		old := srv.PID()
-		steady := procStatus(old, "VmRSS")
-		peak := atomic.Int64{}
-		stopWatch := make(chan struct{})
-		watched := make(chan struct{})
-		go func() { // the old process's high-water mark until it exits
-			defer close(watched)
-			for {
-				if v := procStatus(old, "VmHWM"); v > 0 {
-					peak.Store(v)
-				}
-				select {
-				case <-stopWatch:
-					return
-				case <-time.After(20 * time.Millisecond):
-				}
+			<-upgraded
+			resp, err := get(c, r)
+			switch {
+			case err != nil:
+				fail(fmt.Errorf("handed-off connection: %v", err))
+			case resp.Header.Get("X-Pid") != strconv.FormatInt(newPID.Load(), 10):
+				fail(fmt.Errorf("handed-off connection served by pid %s", resp.Header.Get("X-Pid")))
 			}
 		}()
-		u, err := srv.Upgrade(context.Background(), time.Minute)
-		close(stopWatch)
-		<-watched
-		if err != nil {
-			b.Fatal(err)
+	}
+	for range sockets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			ws, _, err := websocket.DefaultDialer.Dial("ws://"+srv.Addr+"/ws", nil)
+			<-sem
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer ws.Close()
+			opened <- struct{}{}
+			ws.SetReadDeadline(time.Now().Add(2 * time.Minute))
+			if _, _, err := ws.ReadMessage(); !websocket.IsCloseError(err, websocket.CloseServiceRestart) {
+				fail(fmt.Errorf("websocket: want close 1012, got %v", err))
+			}
+		}()
+	}
+	for range idle + sockets - int(errs.Load()) {
+		select {
+		case <-opened:
+		case <-time.After(time.Minute):
+			b.Fatalf("connections not open after a minute (%d errors, first: %v)", errs.Load(), sample.Load())
 		}
-		wg.Wait()
-		b.ReportMetric(float64(u.OldExit.Milliseconds()), "ms-to-old-exit")
-		b.ReportMetric(float64(steady)/1024, "old-steady-RSS-MiB")
-		b.ReportMetric(float64(peak.Load())/1024, "old-peak-RSS-MiB")
-		b.ReportMetric(float64(errs.Load()), "client-errors")
-		if errs.Load() > 0 {
-			b.Logf("first client error: %v", sample.Load())
+	}
+	old := srv.PID()
+	steady := procStatus(old, "VmRSS")
+	var peak atomic.Int64
+	stopWatch := make(chan struct{})
+	watched := make(chan struct{})
+	go func() { // the old process's high-water mark until it exits
+		defer close(watched)
+		for {
+			if v := procStatus(old, "VmHWM"); v > 0 {
+				peak.Store(v)
+			}
+			select {
+			case <-stopWatch:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
 		}
+	}()
+	u, err := srv.Upgrade(context.Background(), time.Minute)
+	close(stopWatch)
+	<-watched
+	if err != nil {
+		b.Fatal(err)
+	}
+	newPID.Store(int64(u.NewPID))
+	close(upgraded)
+	wg.Wait()
+	b.ReportMetric(float64(u.OldExit.Milliseconds()), "ms-to-old-exit")
+	b.ReportMetric(float64(steady)/1024, "old-steady-RSS-MiB")
+	b.ReportMetric(float64(peak.Load())/1024, "old-peak-RSS-MiB")
+	b.ReportMetric(float64(errs.Load()), "client-errors")
+	if handoff {
+		b.ReportMetric(float64(handedOff(b, srv)), "handed")
+	}
+	if errs.Load() > 0 {
+		b.Logf("first client error: %v", sample.Load())
 	}
 }
 
