@@ -59,6 +59,13 @@ type Stats struct {
 	StreamFailures  int            // streams that could not be opened
 	StreamPIDs      map[string]int // streams opened per serving PID
 	Goodbyes        []time.Time    // when each goodbye arrived
+	Latencies       []Latency      // of every successful request
+}
+
+// Latency is one successful request: when it started and how long it took.
+type Latency struct {
+	At time.Time
+	D  time.Duration
 }
 
 func (s *Stats) streamOpened(pid string) {
@@ -247,6 +254,7 @@ func (l *Load) posts(ctx context.Context, mix Mix, url string) {
 }
 
 func (l *Load) do(ctx context.Context, mix Mix, c *http.Client, r *http.Request, want []byte) {
+	start := time.Now()
 	resp, err := c.Do(r.WithContext(ctx))
 	if ctx.Err() != nil {
 		if err == nil {
@@ -272,6 +280,11 @@ func (l *Load) do(ctx context.Context, mix Mix, c *http.Client, r *http.Request,
 		l.stats.fail("body", fmt.Sprintf("%s %s: body of %d bytes differs from the %d expected", r.Method, r.URL.Path, len(got), len(want)))
 	default:
 		l.stats.ok(resp.Header.Get("X-Pid"))
+		if r.URL.Path != "/slow" { // slow requests sleep on purpose
+			l.stats.mu.Lock()
+			l.stats.Latencies = append(l.stats.Latencies, Latency{At: start, D: time.Since(start)})
+			l.stats.mu.Unlock()
+		}
 	}
 }
 
