@@ -97,11 +97,18 @@ func helperMain() int {
 	drainDelay := fs.Duration("drain-delay", 0, "")
 	idleGrace := fs.Duration("idle-grace", 0, "")
 	noHandOff := fs.Bool("no-handoff", false, "")
+	nofile := fs.Uint64("nofile", 0, "lower RLIMIT_NOFILE to this at start")
 	control := fs.String("control", "", "")
 	h2c := fs.Bool("h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
 	useTLS := fs.Bool("tls", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
+	}
+	if *nofile > 0 {
+		if err := setNofile(*nofile); err != nil {
+			log.Error("setrlimit", "err", err)
+			return 1
+		}
 	}
 	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, IdleGrace: *idleGrace, NoHandOff: *noHandOff, ControlSocket: *control}
 	if mode == modeCheckFail {
@@ -193,6 +200,21 @@ func helperMux(p *graceful.Process, log *slog.Logger) *http.ServeMux {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		w.Header().Set("X-Pid", pid)
 		io.WriteString(w, "ok")
+	})
+	// /panic panics once the process drains, in the middle of a request.
+	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) {
+		log.Info("panic request waiting for the drain")
+		<-p.Draining()
+		panic("handler panics during the drain, as told")
+	})
+	// /fds lists the descriptors a handler's subprocess holds.
+	mux.HandleFunc("GET /fds", func(w http.ResponseWriter, r *http.Request) {
+		out, err := exec.CommandContext(r.Context(), "sh", "-c", "ls -l /proc/$$/fd").CombinedOutput()
+		if err != nil {
+			http.Error(w, err.Error()+"\n"+string(out), http.StatusInternalServerError)
+			return
+		}
+		w.Write(out)
 	})
 	// /env runs a real subprocess and returns the environment it got.
 	mux.HandleFunc("GET /env", func(w http.ResponseWriter, r *http.Request) {

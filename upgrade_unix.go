@@ -110,6 +110,12 @@ func (p *Process) initPlatform() error {
 	if err != nil {
 		return err
 	}
+	if err := checkParentPipes(); err != nil {
+		for _, a := range acts {
+			a.close()
+		}
+		return err
+	}
 	upg, err := tableflip.New(tableflip.Options{UpgradeTimeout: p.opts.UpgradeTimeout})
 	if err != nil {
 		for _, a := range acts {
@@ -308,6 +314,25 @@ func (p *Process) receiveHandoffs() {
 			}
 		}
 	}()
+}
+
+// tableflipSentinel is the variable with which tableflip (v1.2.3) tells a
+// child that descriptors 3 and 4 are pipes to its parent.
+const tableflipSentinel = "TABLEFLIP_HAS_PARENT_7DIU3"
+
+// checkParentPipes refuses a stray or forged tableflip variable: tableflip
+// would read its parent's message from whatever descriptors 3 and 4 are.
+func checkParentPipes() error {
+	if os.Getenv(tableflipSentinel) == "" {
+		return nil
+	}
+	for _, fd := range []int{3, 4} {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+			return fmt.Errorf("graceful: %s is set but descriptor %d is not a pipe from a parent process; refusing to adopt descriptors (unset the variable)", tableflipSentinel, fd)
+		}
+	}
+	return nil
 }
 
 // takeActivated adopts the sockets systemd passed with LISTEN_FDS, after

@@ -1,0 +1,276 @@
+//go:build linux
+
+package graceful_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/graceful-go/graceful/internal/loadtest"
+)
+
+// runHelper runs the helper to completion (it must fail to start) and
+// returns its exit code and output.
+func runHelper(t *testing.T, args, env []string) (int, string) {
+	t.Helper()
+	self, err := os.Executable()
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, self, args...)
+	cmd.Env = append(append(os.Environ(), raceEnv, "GRACEFUL_TEST_HELPER=1"), env...)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee, "the helper should have failed:\n%s", out)
+	return ee.ExitCode(), string(out)
+}
+
+// TestFaultPortTaken: a fresh start on a port another process holds fails
+// at once with an error naming the address, and leaves nothing behind.
+func TestFaultPortTaken(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	pidfile := filepath.Join(t.TempDir(), "server.pid")
+	code, out := runHelper(t, []string{"-addr", ln.Addr().String(), "-pidfile", pidfile}, nil)
+	assert.Equal(t, 1, code)
+	assert.Contains(t, out, "listen tcp "+ln.Addr().String())
+	assert.Contains(t, out, "address already in use")
+	assert.NoFileExists(t, pidfile)
+}
+
+// TestFaultPIDFileDirectory: a PID file whose directory is missing or not
+// a directory is a clear error from New, before anything listens.
+func TestFaultPIDFileDirectory(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "a-file")
+	require.NoError(t, os.WriteFile(file, nil, 0o644))
+	cases := map[string]string{
+		"missing":       filepath.Join(dir, "missing", "server.pid"),
+		"not directory": filepath.Join(file, "server.pid"),
+	}
+	if os.Geteuid() != 0 { // root writes to read-only directories
+		ro := filepath.Join(dir, "ro")
+		require.NoError(t, os.Mkdir(ro, 0o555))
+		cases["read-only"] = filepath.Join(ro, "server.pid")
+	}
+	for name, path := range cases {
+		t.Run(name, func(t *testing.T) {
+			code, out := runHelper(t, []string{"-pidfile", path}, nil)
+			assert.Equal(t, 1, code)
+			assert.Contains(t, out, "PID file directory "+filepath.Dir(path)+" is not writable")
+		})
+	}
+}
+
+// TestFaultBogusProtocolVariables: variables of the fd-passing protocol
+// (tableflip's) set by hand, without a parent, make New fail with an error
+// instead of adopting stray descriptors.
+func TestFaultBogusProtocolVariables(t *testing.T) {
+	code, out := runHelper(t, nil, []string{"TABLEFLIP_HAS_PARENT_7DIU3=yes"})
+	assert.Equal(t, 1, code)
+	assert.Contains(t, out, "TABLEFLIP_HAS_PARENT_7DIU3 is set but descriptor 3 is not a pipe from a parent process")
+}
+
+// TestFaultUpgradeStorm sends 50 SIGHUPs within a second, each to whichever
+// process serves at that moment: upgrades run one at a time (the others
+// are refused and logged), no request fails, and in the end one process
+// serves with no child and every previous generation exited 0.
+func TestFaultUpgradeStorm(t *testing.T) {
+	h := startHelper(t, nil, loadtest.Config{})
+	load := loadtest.StartLoad(h.Addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Pause: 2 * time.Millisecond})
+	waitRequests(t, load, 50)
+	first := h.PID()
+	for range 50 {
+		if pid := loadtest.ReadPIDFile(h.PIDFile); pid > 0 {
+			syscall.Kill(pid, syscall.SIGHUP)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Let the last upgrade finish, then follow the generations to the end.
+	h.logs.waitLog(t, "upgrade starting")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		final := loadtest.ReadPIDFile(h.PIDFile)
+		if final != first && len(loadtest.Children(final)) == 0 && h.logs.lines("previous process exited") != nil {
+			started := len(h.logs.lines(`msg="upgrade starting"`))
+			ready := len(h.logs.lines("inherited=true"))
+			exited := len(h.logs.lines("previous process exited"))
+			if started == ready && ready == exited {
+				break
+			}
+		}
+		require.True(t, time.Now().Before(deadline), "the storm did not settle")
+		time.Sleep(20 * time.Millisecond)
+	}
+	before, _ := load.Snapshot()
+	waitRequests(t, load, before+50)
+	stats := load.Stop()
+	var report strings.Builder
+	stats.Report(&report)
+	assert.Zero(t, stats.Failed(), report.String())
+	refused := len(h.logs.lines("upgrade already in progress")) + len(h.logs.lines("process is draining"))
+	upgraded := len(h.logs.lines("inherited=true"))
+	t.Logf("%d upgrades done, %d refused", upgraded, refused)
+	assert.GreaterOrEqual(t, upgraded, 2)
+	assert.Positive(t, refused, "overlapping requests are refused")
+	for _, l := range h.logs.lines("level=ERROR") {
+		assert.Contains(t, l, "upgrade failed; still serving", "only refusals are errors")
+	}
+}
+
+// TestFaultPanicDuringDrain: a handler that panics during the drain costs
+// its own request (net/http recovers the panic and closes that connection;
+// nothing can answer it) and nothing else: other requests are answered and
+// the process drains and exits 0.
+func TestFaultPanicDuringDrain(t *testing.T) {
+	h := startHelper(t, nil, loadtest.Config{})
+	c := &http.Client{Timeout: 10 * time.Second}
+	panicked := make(chan error, 1)
+	go func() {
+		resp, err := c.Get("http://" + h.Addr + "/panic")
+		if err == nil {
+			resp.Body.Close()
+		}
+		panicked <- err
+	}()
+	h.logs.waitLog(t, "panic request waiting for the drain")
+	rc := dialRaw(t, h.Addr)
+	rc.send("/")
+	assert.Equal(t, http.StatusOK, rc.response().StatusCode)
+	require.NoError(t, h.Signal(syscall.SIGTERM))
+	h.logs.waitLog(t, "msg=draining")
+	rc.send("/") // a request during the drain is still answered
+	assert.Equal(t, http.StatusOK, rc.response().StatusCode)
+	assert.Error(t, <-panicked, "the panicking request itself fails")
+	code, err := h.WaitExit(context.Background(), h.PID())
+	require.NoError(t, err)
+	assert.Equal(t, 0, code)
+	h.logs.waitLog(t, "handler panics during the drain, as told")
+}
+
+// TestFaultKillOldMidDrain kills the old process with SIGKILL while it
+// drains requests in flight. Those requests die with it (physically: the
+// only process that knew them is gone); the new process, already serving,
+// answers every request sent after, and nothing is left running but it.
+func TestFaultKillOldMidDrain(t *testing.T) {
+	h := startHelper(t, []string{"-drain-timeout", "20s"}, loadtest.Config{})
+	old := h.PID()
+	slow := make(chan error, 1)
+	go func() {
+		c := &http.Client{Timeout: 20 * time.Second}
+		resp, err := c.Get("http://" + h.Addr + "/slow?ms=10000")
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		slow <- err
+	}()
+	h.logs.waitLog(t, "slow request started")
+	require.NoError(t, h.Signal(syscall.SIGHUP))
+	h.logs.waitLog(t, "msg=draining")
+	require.NoError(t, syscall.Kill(old, syscall.SIGKILL))
+	_, err := h.WaitExit(context.Background(), old)
+	require.NoError(t, err)
+	assert.Error(t, <-slow, "the request in flight in the killed process fails")
+	h.Follow()
+	successor := h.PID()
+	require.NotEqual(t, old, successor)
+	load := loadtest.StartLoad(h.Addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1})
+	waitRequests(t, load, 100)
+	stats := load.Stop()
+	assert.Zero(t, stats.Failed())
+	assert.Equal(t, []string{strconv.Itoa(successor)}, keys(stats.PIDs), "the successor answers everything")
+	assert.Empty(t, loadtest.Children(successor))
+	// The successor noticed and accepts upgrades again.
+	h.logs.waitLog(t, "previous process exited")
+	u, err := h.Upgrade(context.Background(), 20*time.Second)
+	require.NoError(t, err)
+	assert.Equal(t, 0, u.ExitCode)
+}
+
+// TestFaultFewDescriptors: with RLIMIT_NOFILE nearly used up by open
+// connections, an upgrade fails with an error naming the cause ("too many
+// open files") and the old process keeps serving the connections it has.
+func TestFaultFewDescriptors(t *testing.T) {
+	h := startHelper(t, []string{"-nofile", "64"}, loadtest.Config{})
+	var conns []*rawConn
+	for {
+		rc := dialRaw(t, h.Addr)
+		rc.send("/")
+		rc.c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		resp, err := http.ReadResponse(rc.r, nil)
+		if err != nil {
+			rc.c.Close() // the server could not accept it: the limit is reached
+			break
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		conns = append(conns, rc)
+		require.Less(t, len(conns), 64, "the limit never bit")
+	}
+	// Ask for the upgrade on a connection we hold: no descriptor is free.
+	up := conns[0]
+	up.c.SetDeadline(time.Now().Add(20 * time.Second))
+	_, err := io.WriteString(up.c, "POST /upgrade HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
+	require.NoError(t, err)
+	resp, err := http.ReadResponse(up.r, nil)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusInternalServerError, resp.StatusCode)
+	assert.Contains(t, string(body), "too many open files")
+	t.Logf("upgrade refused: %s", body)
+	for i, rc := range conns {
+		rc.c.SetDeadline(time.Now().Add(10 * time.Second))
+		rc.send("/")
+		resp, err := http.ReadResponse(rc.r, nil)
+		require.NoError(t, err, "connection %d", i)
+		assert.Equal(t, http.StatusOK, resp.StatusCode)
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	h.noChildren()
+}
+
+// TestNoDescriptorLeakToSubprocess: a subprocess that a handler starts,
+// before and after an upgrade, holds no socket of the server: listeners,
+// the hand-off channel and the inherited sockets are all close-on-exec.
+func TestNoDescriptorLeakToSubprocess(t *testing.T) {
+	h := startHelper(t, nil, loadtest.Config{})
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	fds := func() string {
+		resp, err := c.Get("http://" + h.Addr + "/fds")
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		require.Equal(t, http.StatusOK, resp.StatusCode, string(b))
+		return string(b)
+	}
+	assert.NotContains(t, fds(), "socket:", "before any upgrade")
+	// (Its pipes are the subprocess's own stdout and stderr.)
+	_, err := h.Upgrade(context.Background(), 20*time.Second)
+	require.NoError(t, err)
+	assert.NotContains(t, fds(), "socket:", "in the successor")
+}
+
+func keys(m map[string]int) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
