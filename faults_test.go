@@ -274,3 +274,39 @@ func keys(m map[string]int) []string {
 	}
 	return out
 }
+
+// TestFaultPanicAfterReady deploys a version that passes its checks,
+// declares itself ready, then panics while the old process drains. The old
+// process has already handed over and exits 0 (an upgrade is not undone
+// once the successor is ready), so after the panic nothing serves: requests
+// are refused until a supervisor restarts the service. What graceful
+// guarantees is that the old process drained cleanly and that the failure
+// is visible: the successor's exit status and its panic in the log.
+func TestFaultPanicAfterReady(t *testing.T) {
+	h := startHelper(t, nil, loadtest.Config{})
+	old := h.PID()
+	h.setMode(modePanic)
+	u, err := h.Upgrade(context.Background(), 20*time.Second)
+	require.NoError(t, err, "the new version was ready")
+	assert.Equal(t, 0, u.ExitCode, "the old process drained and exited cleanly")
+	assert.NotEqual(t, old, u.NewPID)
+	code, err := h.WaitExit(context.Background(), u.NewPID)
+	require.NoError(t, err)
+	assert.Equal(t, 2, code, "a Go panic exits 2")
+	h.logs.waitLog(t, "new version panics after ready, as told")
+	_, err = net.Dial("tcp", h.Addr)
+	assert.ErrorIs(t, err, syscall.ECONNREFUSED, "nothing serves any more")
+}
+
+// TestPIDFileMode: the PID file is written whole (never empty or partial)
+// with mode 0644 and owned by the server's user.
+func TestPIDFileMode(t *testing.T) {
+	h := startHelper(t, nil, loadtest.Config{})
+	fi, err := os.Stat(h.PIDFile)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o644), fi.Mode().Perm())
+	assert.Equal(t, uint32(os.Geteuid()), fi.Sys().(*syscall.Stat_t).Uid)
+	b, err := os.ReadFile(h.PIDFile)
+	require.NoError(t, err)
+	assert.Equal(t, strconv.Itoa(h.PID())+"\n", string(b))
+}

@@ -68,6 +68,7 @@ const (
 	modeHang      = "hang"      // hangs before creating the Process
 	modeCheckFail = "checkfail" // its pre-ready check never passes
 	modeSlowReady = "slowready" // its pre-ready check passes after 1.5 s
+	modePanic     = "panic"     // panics 200 ms after declaring itself ready
 )
 
 func helperMain() int {
@@ -167,6 +168,13 @@ func helperMain() int {
 			return 1
 		}
 		p.Add(func() error { return udpEcho(p, pc) }, func(context.Context) error { return pc.Close() })
+	}
+	if mode == modePanic {
+		go func() {
+			<-p.Ready()
+			time.Sleep(200 * time.Millisecond)
+			panic("new version panics after ready, as told")
+		}()
 	}
 	if err := p.Run(context.Background()); err != nil {
 		log.Error("run", "err", err)

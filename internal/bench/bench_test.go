@@ -554,3 +554,43 @@ func handedOff(b *testing.B, srv *loadtest.Server) int {
 	}
 	return n
 }
+
+// BenchmarkHandover compares SIGHUP → new process ready (PID file written,
+// so accepting) with the bare start-up of the same binary (exec → PID file
+// written), 10 of each, both seen through the same 2 ms PID-file polling.
+// The ratio is what the upgrade adds on top of starting the program.
+func BenchmarkHandover(b *testing.B) {
+	const n = 10
+	for range b.N {
+		ctx := context.Background()
+		dir := b.TempDir()
+		bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var bare time.Duration
+		for i := range n {
+			d := filepath.Join(dir, strconv.Itoa(i))
+			os.Mkdir(d, 0o755)
+			start := time.Now()
+			srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: d, Logs: io.Discard, NoHTTP: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			bare += time.Since(start)
+			srv.Kill()
+		}
+		srv := startReference(b, nil, false)
+		var handover time.Duration
+		for i := range n {
+			u, err := srv.Upgrade(ctx, time.Minute)
+			if err != nil {
+				b.Fatalf("upgrade %d: %v", i+1, err)
+			}
+			handover += u.Ready
+		}
+		b.ReportMetric(float64(bare.Microseconds())/n/1000, "bare-start-ms")
+		b.ReportMetric(float64(handover.Microseconds())/n/1000, "handover-ms")
+		b.ReportMetric(float64(handover)/float64(bare), "handover/bare")
+	}
+}
