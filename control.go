@@ -10,7 +10,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 )
 
@@ -66,20 +65,9 @@ func Control(ctx context.Context, path, command string) (string, error) {
 	return "", fmt.Errorf("graceful: control socket: malformed answer %q", line)
 }
 
-// controlServer answers one-line requests on the control socket: only a
-// peer with this process's user ID may use it.
-type controlServer struct {
-	p    *Process
-	ln   net.Listener
-	done chan struct{} // closed by stop
-
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
-}
-
 // listenControl opens the control socket (inherited across upgrades like
-// any listener) and registers its server.
+// any listener) and serves it like a ServeConns server: one-line requests,
+// answered only to a peer with this process's user ID.
 func (p *Process) listenControl(path string) error {
 	ln, err := p.listen("unix", path)
 	if err != nil {
@@ -89,76 +77,12 @@ func (p *Process) listenControl(path string) error {
 		ln.Close()
 		return fmt.Errorf("graceful: control socket %s: %w", path, err)
 	}
-	c := &controlServer{p: p, ln: ln, done: make(chan struct{}), conns: make(map[net.Conn]struct{})}
-	p.Add(c.run, c.stop)
+	p.ServeConns(ln, p.handleControl, nil)
 	return nil
 }
 
-func (c *controlServer) run() error {
-	var delay time.Duration
-	for {
-		conn, err := c.ln.Accept()
-		if err != nil {
-			select {
-			case <-c.done:
-				return nil
-			default:
-			}
-			// Out of descriptors and the like: a broken control socket must
-			// not stop the server, so back off and retry.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			c.p.log.Warn("control socket: accept failed", "err", err, "retry_in", delay)
-			select {
-			case <-c.done:
-				return nil
-			case <-time.After(delay):
-			}
-			continue
-		}
-		delay = 0
-		c.mu.Lock()
-		c.conns[conn] = struct{}{}
-		c.wg.Add(1)
-		c.mu.Unlock()
-		go func() {
-			defer c.wg.Done()
-			c.handle(conn)
-			c.mu.Lock()
-			delete(c.conns, conn)
-			c.mu.Unlock()
-			conn.Close()
-		}()
-	}
-}
-
-// stop closes the socket and waits for the requests being answered, an
-// upgrade's outcome included, until ctx ends.
-func (c *controlServer) stop(ctx context.Context) error {
-	close(c.done)
-	err := c.ln.Close()
-	waited := make(chan struct{})
-	go func() {
-		c.wg.Wait()
-		close(waited)
-	}()
-	select {
-	case <-waited:
-	case <-ctx.Done():
-		c.mu.Lock()
-		for conn := range c.conns {
-			conn.Close()
-		}
-		c.mu.Unlock()
-		<-waited
-	}
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		return fmt.Errorf("graceful: control socket: %w", err)
-	}
-	return nil
-}
-
-func (c *controlServer) handle(conn net.Conn) {
-	log := c.p.log.With("control", true)
+func (p *Process) handleControl(conn net.Conn) {
+	log := p.log.With("control", true)
 	reply := func(ok bool, msg string) {
 		word := "error "
 		if ok {
@@ -169,8 +93,8 @@ func (c *controlServer) handle(conn net.Conn) {
 		if !ok {
 			// Closing with unread input would reset the connection and
 			// lose the answer: read what the peer still sends, briefly.
-			if uc, isUnix := conn.(*net.UnixConn); isUnix {
-				uc.CloseWrite()
+			if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
 			}
 			conn.SetReadDeadline(time.Now().Add(time.Second))
 			io.Copy(io.Discard, io.LimitReader(conn, 64<<10))
@@ -204,12 +128,12 @@ func (c *controlServer) handle(conn net.Conn) {
 	case ControlUpgrade:
 		log.Info("control socket: upgrade requested", "peer_pid", pid)
 		start := time.Now()
-		if err := c.p.Upgrade(context.Background()); err != nil {
+		if err := p.Upgrade(context.Background()); err != nil {
 			reply(false, err.Error())
 			return
 		}
 		took := time.Since(start).Round(time.Millisecond)
-		if succ := c.p.successorPID(); succ != 0 {
+		if succ := p.successorPID(); succ != 0 {
 			reply(true, fmt.Sprintf("upgraded: pid %d ready after %v; pid %d draining", succ, took, os.Getpid()))
 		} else {
 			reply(true, fmt.Sprintf("upgraded: new process ready after %v; pid %d draining", took, os.Getpid()))
@@ -217,11 +141,11 @@ func (c *controlServer) handle(conn net.Conn) {
 	case ControlStatus:
 		state := "starting"
 		switch {
-		case c.p.health.draining.Load():
+		case p.health.draining.Load():
 			state = "draining"
-		case c.p.upgrading.Load():
+		case p.upgrading.Load():
 			state = "upgrading"
-		case c.p.health.ready.Load():
+		case p.health.ready.Load():
 			state = "serving"
 		}
 		reply(true, "pid "+strconv.Itoa(os.Getpid())+" "+state)

@@ -14,6 +14,9 @@ const peerCredSupported = true
 // peerCred returns the user and process ID of the peer of a Unix socket
 // connection, as the kernel recorded them at connect time.
 func peerCred(conn net.Conn) (uid, pid int, err error) {
+	if tc, ok := conn.(*trackedConn); ok {
+		conn = tc.Conn
+	}
 	uc, ok := conn.(*net.UnixConn)
 	if !ok {
 		return 0, 0, errors.New("not a Unix socket connection")

@@ -456,7 +456,7 @@ func (p *Process) ServeConns(ln net.Listener, handle func(net.Conn), goodbye fun
 		panic("graceful: ServeConns with nil handle")
 	}
 	t := newTracker()
-	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, goodbye: goodbye}
+	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, goodbye: goodbye, stopping: make(chan struct{})}
 	p.addListener(s.ln)
 	p.Add(s.run, s.stop)
 }
@@ -469,6 +469,7 @@ type connServer struct {
 	goodbye func(net.Conn)
 
 	handlers sync.WaitGroup // handlers and goodbyes
+	stopping chan struct{}  // closed by stop
 }
 
 func (s *connServer) run() error {
@@ -483,10 +484,16 @@ func (s *connServer) run() error {
 			if !errors.As(err, &ne) || !ne.Timeout() && !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) && !errors.Is(err, syscall.ECONNABORTED) {
 				return err
 			}
-			// Out of descriptors and the like: back off, as net/http does.
+			// Out of descriptors and the like: back off, as net/http does,
+			// rather than end the server.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			s.p.log.Warn("accept failed; retrying", "err", err, "retry_in", delay)
-			time.Sleep(delay)
+			s.p.log.Warn("accept failed; retrying", "addr", s.ln.Addr().String(), "err", err, "retry_in", delay)
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-s.stopping:
+				t.Stop()
+			}
 			continue
 		}
 		delay = 0
@@ -500,6 +507,7 @@ func (s *connServer) run() error {
 }
 
 func (s *connServer) stop(ctx context.Context) error {
+	close(s.stopping)
 	s.ln.Close()
 	if s.goodbye != nil {
 		s.t.mu.Lock()

@@ -3,18 +3,12 @@ package graceful_test
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -30,6 +24,7 @@ import (
 
 	"github.com/graceful-go/graceful"
 	"github.com/graceful-go/graceful/internal/loadtest"
+	"github.com/graceful-go/graceful/internal/selfsigned"
 )
 
 // The test binary doubles as the server under test: with
@@ -145,7 +140,7 @@ func helperMain() int {
 		srv.Protocols.SetUnencryptedHTTP2(true)
 	}
 	if *useTLS {
-		cert, err := selfSigned()
+		cert, err := selfsigned.Certificate()
 		if err != nil {
 			log.Error("certificate", "err", err)
 			return 1
@@ -407,27 +402,4 @@ func (s *syncBuffer) lines(substr string) []string {
 		}
 	}
 	return out
-}
-
-// selfSigned returns a fresh certificate for 127.0.0.1; clients in the
-// tests do not verify it.
-func selfSigned() (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "graceful test"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }

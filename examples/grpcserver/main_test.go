@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,16 +32,8 @@ func TestUpgradesWithGRPCClient(t *testing.T) {
 	const callers, watchers, upgrades = 4, 4, 5
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/grpcserver", false)
-	require.NoError(t, err)
-	logs, err := os.Create(filepath.Join(dir, "server.log"))
-	require.NoError(t, err)
-	defer logs.Close()
-	srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: dir, Logs: logs, NoHTTP: true,
+	srv := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/grpcserver", loadtest.Config{NoHTTP: true,
 		Args: []string{"-goodbye-spread", "100ms", "-drain-timeout", "10s"}})
-	require.NoError(t, err)
-	defer srv.Kill()
 
 	conn, err := grpc.NewClient(srv.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
@@ -159,8 +149,4 @@ func TestUpgradesWithGRPCClient(t *testing.T) {
 	assert.Empty(t, failures)
 	assert.Equal(t, int64(watchers*upgrades), goodbyes.Load(), "one goodbye per stream per upgrade")
 	t.Logf("unary calls per pid: %v (plus %d answered NOT_SERVING while draining); streams per pid: %v", calls, draining.Load(), streams)
-	if t.Failed() {
-		b, _ := os.ReadFile(logs.Name())
-		t.Logf("server logs:\n%s", b)
-	}
 }

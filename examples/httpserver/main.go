@@ -23,18 +23,11 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -43,6 +36,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/internal/selfsigned"
 )
 
 // config is what the command line sets.
@@ -113,7 +107,7 @@ func run(opts graceful.Options, c *config) error {
 		srv.Protocols.SetUnencryptedHTTP2(true)
 	}
 	if c.selfSigned {
-		cert, err := selfSigned()
+		cert, err := selfsigned.Certificate()
 		if err != nil {
 			return err
 		}
@@ -230,27 +224,4 @@ func echoWS(w http.ResponseWriter, r *http.Request) {
 		case <-time.After(2 * time.Second):
 		}
 	}
-}
-
-// selfSigned returns a fresh certificate for localhost and 127.0.0.1.
-func selfSigned() (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }

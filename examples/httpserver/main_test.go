@@ -25,15 +25,7 @@ import (
 func TestContract(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
-	require.NoError(t, err)
-	logs, err := os.Create(dir + "/server.log")
-	require.NoError(t, err)
-	defer logs.Close()
-	srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: dir, Logs: logs})
-	require.NoError(t, err)
-	defer srv.Kill()
+	srv := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/httpserver", loadtest.Config{})
 	base := "http://" + srv.Addr
 	pid := strconv.Itoa(srv.PID())
 	c := &http.Client{Timeout: 10 * time.Second}

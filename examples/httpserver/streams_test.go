@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -27,22 +25,8 @@ func TestStreamsAcrossUpgrades(t *testing.T) {
 	)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
-	require.NoError(t, err)
-	logs, err := os.Create(filepath.Join(dir, "server.log"))
-	require.NoError(t, err)
-	defer logs.Close()
-	srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: dir, Logs: logs,
+	srv := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/httpserver", loadtest.Config{
 		Args: []string{"-goodbye-spread", spread.String(), "-drain-timeout", "10s"}})
-	require.NoError(t, err)
-	defer srv.Kill()
-	defer func() {
-		if t.Failed() {
-			b, _ := os.ReadFile(logs.Name())
-			os.WriteFile("/tmp/streams-server.log", b, 0o644)
-		}
-	}()
 
 	load := loadtest.StartLoad(srv.Addr, loadtest.Mix{SSE: streams / 2, WS: streams / 2})
 	waitStreams := func(pid int) {
@@ -76,8 +60,4 @@ func TestStreamsAcrossUpgrades(t *testing.T) {
 		assert.GreaterOrEqual(t, s, spread/2, "upgrade %d: goodbyes spread over %v", i+1, s)
 	}
 	t.Logf("goodbye spans per upgrade: %v", spans)
-	if t.Failed() {
-		b, _ := os.ReadFile(logs.Name())
-		t.Logf("server logs:\n%s", b)
-	}
 }

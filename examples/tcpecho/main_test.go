@@ -7,8 +7,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -29,16 +27,8 @@ func TestNoLineCut(t *testing.T) {
 	const clients, upgrades = 20, 5
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/tcpecho", false)
-	require.NoError(t, err)
-	logs, err := os.Create(filepath.Join(dir, "server.log"))
-	require.NoError(t, err)
-	defer logs.Close()
-	srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: dir, Logs: logs, NoHTTP: true,
+	srv := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/tcpecho", loadtest.Config{NoHTTP: true,
 		Args: []string{"-goodbye-spread", "100ms", "-drain-timeout", "10s"}})
-	require.NoError(t, err)
-	defer srv.Kill()
 
 	var echoed, byes atomic.Int64
 	var mu sync.Mutex
@@ -82,10 +72,6 @@ func TestNoLineCut(t *testing.T) {
 	assert.Empty(t, failures)
 	assert.GreaterOrEqual(t, byes.Load(), int64(clients*upgrades), "every connection of every generation said BYE")
 	t.Logf("%d lines echoed, %d goodbyes", echoed.Load(), byes.Load())
-	if t.Failed() {
-		b, _ := os.ReadFile(logs.Name())
-		t.Logf("server logs:\n%s", b)
-	}
 }
 
 // client sends lines until stop, reconnecting after each BYE and resending

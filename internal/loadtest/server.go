@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -350,4 +351,38 @@ func WriteExecutable(path string, content io.Reader) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+// StartPackage builds the Go package pkg into a temporary directory of tb
+// and starts it with cfg (whose Bin, Dir and Logs it sets). The server is
+// killed when the test ends, and its log printed if the test failed.
+func StartPackage(tb testing.TB, pkg string, cfg Config) *Server {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dir := tb.TempDir()
+	bin, err := Build(ctx, dir, pkg, false)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	logs, err := os.Create(filepath.Join(dir, "server.log"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cfg.Bin, cfg.Dir, cfg.Logs = bin, dir, logs
+	srv, err := Start(ctx, cfg)
+	tb.Cleanup(func() {
+		if srv != nil {
+			srv.Kill()
+		}
+		logs.Close()
+		if tb.Failed() {
+			b, _ := os.ReadFile(logs.Name())
+			tb.Logf("server logs:\n%s", b)
+		}
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return srv
 }
