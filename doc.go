@@ -5,12 +5,24 @@
 // [Process.Listen]. On SIGHUP (or a call to [Process.Upgrade]) it starts the
 // binary found on disk at its own path as a child, hands it every listener,
 // and waits for the child to declare itself ready. Only then does the old
-// process stop accepting and drain: in-flight requests finish, keep-alive
-// connections are retired with "Connection: close", long-lived handlers are
-// told through [Process.Draining], and whatever is left at the drain deadline
-// is closed. A child that exits, hangs or fails its checks is killed after
-// [Options.UpgradeTimeout] and the old process keeps serving as if nothing had
-// happened.
+// process stop accepting and drain: in-flight requests finish, idle
+// keep-alive connections are handed to the new process (the client keeps its
+// TCP connection; see [Options.NoHandOff]), HTTP/2 gets GOAWAY, long-lived
+// handlers are told through [Process.Goodbye] or [Process.Draining], and
+// whatever is left at the drain deadline is closed. A child that exits, hangs
+// or fails its checks is killed after [Options.UpgradeTimeout] and the old
+// process keeps serving as if nothing had happened.
+//
+// Without a successor (SIGTERM, as in a Kubernetes rolling update) the drain
+// fails readiness first for [Options.DrainDelay], then retires keep-alive
+// connections without racing the clients: "Connection: close" on the next
+// response, a FIN for those idle through [Options.IdleGrace].
+//
+// HTTP servers are registered with [Process.Serve], raw TCP or Unix
+// protocols with [Process.ServeConns], gRPC with package gracefulgrpc, and
+// anything else with [Process.Add]. Under systemd the process speaks the
+// notify protocol, and [Options.ControlSocket] with the gracefulctl command
+// gives a reload whose exit status is the upgrade's outcome.
 //
 // File descriptor passing is done by github.com/cloudflare/tableflip. On a
 // fresh start, sockets passed by systemd socket activation (LISTEN_FDS) are
