@@ -3,6 +3,7 @@ package graceful
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -456,9 +457,43 @@ func (p *Process) ServeConns(ln net.Listener, handle func(net.Conn), goodbye fun
 		panic("graceful: ServeConns with nil handle")
 	}
 	t := newTracker()
+	t.key = ln.Addr().String()
 	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, goodbye: goodbye, stopping: make(chan struct{})}
 	p.addListener(s.ln)
+	if p.hasParent() {
+		// Connections the parent hands over with [Process.HandOff].
+		inj := newInjectListener(ln.Addr())
+		p.injectMu.Lock()
+		p.injectors[t.key] = inj
+		p.injectMu.Unlock()
+		s.inject = &trackedListener{Listener: inj, t: t}
+		s.injected = make(chan struct{})
+	}
 	p.Add(s.run, s.stop)
+}
+
+// HandOff passes c, a connection accepted by a [Process.ServeConns]
+// listener, to the new process after a successful upgrade, typically from
+// the goodbye callback's effect at a message boundary: nothing of the next
+// message may have been read from c yet (bytes the peer sent stay in the
+// socket and reach the new process). On success the new process's handle
+// gets c as a new connection, and the caller must return from handle
+// without using c again. It fails, and c stays the caller's, when there is
+// no successor to take it (no upgrade, [Options.NoHandOff], a platform
+// without descriptor passing) or sending fails.
+func (p *Process) HandOff(c net.Conn) error {
+	tc, ok := c.(*trackedConn)
+	if !ok || tc.t.key == "" {
+		return errors.New("graceful: HandOff: not a connection from ServeConns")
+	}
+	if !p.canHandOff() {
+		return errors.New("graceful: HandOff: no new process to hand the connection to")
+	}
+	if err := p.handOffConn(tc.t.key, tc.Conn); err != nil {
+		return fmt.Errorf("graceful: HandOff: %w", err)
+	}
+	tc.t.handed.Add(1)
+	return nil
 }
 
 type connServer struct {
@@ -468,16 +503,29 @@ type connServer struct {
 	handle  func(net.Conn)
 	goodbye func(net.Conn)
 
-	handlers sync.WaitGroup // handlers and goodbyes
-	stopping chan struct{}  // closed by stop
+	handlers sync.WaitGroup   // handlers and goodbyes
+	stopping chan struct{}    // closed by stop
+	inject   *trackedListener // connections handed over by the parent
+	injected chan struct{}    // closed when inject is done accepting
 }
 
 func (s *connServer) run() error {
+	if s.inject != nil {
+		go func() {
+			defer close(s.injected)
+			s.accept(s.inject) // ends once the parent is gone
+		}()
+		defer func() { <-s.injected }()
+	}
+	return s.accept(s.ln)
+}
+
+func (s *connServer) accept(ln *trackedListener) error {
 	var delay time.Duration
 	for {
-		c, err := s.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
-			if s.ln.closed.Load() {
+			if ln.closed.Load() || errors.Is(err, net.ErrClosed) && ln == s.inject {
 				return nil
 			}
 			var ne net.Error
@@ -487,7 +535,7 @@ func (s *connServer) run() error {
 			// Out of descriptors and the like: back off, as net/http does,
 			// rather than end the server.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			s.p.log.Warn("accept failed; retrying", "addr", s.ln.Addr().String(), "err", err, "retry_in", delay)
+			s.p.log.Warn("accept failed; retrying", "addr", ln.Addr().String(), "err", err, "retry_in", delay)
 			t := time.NewTimer(delay)
 			select {
 			case <-t.C:
@@ -503,12 +551,36 @@ func (s *connServer) run() error {
 			defer c.Close()
 			s.handle(c)
 		}()
+		select {
+		case <-s.stopping:
+			// Handed over by the parent during our own drain: its goodbye
+			// is now.
+			s.sayGoodbye(c.(*trackedConn))
+		default:
+		}
 	}
+}
+
+// sayGoodbye calls goodbye for c, once, in its own goroutine.
+func (s *connServer) sayGoodbye(c *trackedConn) {
+	if s.goodbye == nil || !c.goodbye.CompareAndSwap(false, true) {
+		return
+	}
+	s.handlers.Add(1)
+	go func() {
+		defer s.handlers.Done()
+		s.goodbye(c)
+	}()
 }
 
 func (s *connServer) stop(ctx context.Context) error {
 	close(s.stopping)
 	s.ln.Close()
+	defer func() {
+		if n := s.t.handed.Load(); n > 0 {
+			s.p.log.Info("connections handed to the new process", "addr", s.t.key, "conns", n)
+		}
+	}()
 	if s.goodbye != nil {
 		s.t.mu.Lock()
 		conns := make([]*trackedConn, 0, len(s.t.conns))
@@ -525,11 +597,15 @@ func (s *connServer) stop(ctx context.Context) error {
 				case <-ctx.Done():
 				}
 			}
-			s.handlers.Add(1)
-			go func() {
-				defer s.handlers.Done()
-				s.goodbye(c)
-			}()
+			s.sayGoodbye(c)
+		}
+	}
+	if s.inject != nil {
+		// Connections our parent still hands over get their goodbye as
+		// they arrive; wait for the last one before counting.
+		select {
+		case <-s.injected:
+		case <-ctx.Done():
 		}
 	}
 	if err := s.t.waitUntil(ctx, func() bool { return s.t.count() == 0 }); err != nil {

@@ -148,6 +148,7 @@ type tracker struct {
 	handoff func(net.Conn) error
 	handed  atomic.Int64
 	log     *slog.Logger // debug records of connections closed, not passed on, during a hand-off
+	key     string       // ServeConns: the listener's address, for HandOff
 }
 
 func newTracker() *tracker {
@@ -331,6 +332,7 @@ type trackedConn struct {
 	rstate  atomic.Int32 // a read state | readingBit
 	h2      atomic.Bool  // HTTP/2: drained by GOAWAY, never retired
 	readAny atomic.Bool
+	goodbye atomic.Bool // ServeConns: its goodbye was called
 
 	// Guarded by t.mu.
 	state    http.ConnState

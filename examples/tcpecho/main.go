@@ -1,11 +1,13 @@
 // Command tcpecho is a raw TCP line-echo server built on graceful's
 // ServeConns: every line a client sends comes back unchanged. When the
-// process drains (SIGTERM, or an upgrade on SIGHUP), each connection
-// finishes the line it is reading, echoes it, sends "BYE" and closes, so no
-// client is ever cut mid-line; clients reconnect and reach the new process.
+// process drains, each connection finishes the line it is reading and
+// echoes it; then, after an upgrade (SIGHUP), it is handed to the new
+// process, which carries on with the client on the same connection; without
+// a successor (SIGTERM, or -no-handoff) it sends "BYE" and closes, and the
+// client reconnects. No client is ever cut mid-line.
 //
 //	flags  -addr host:port (default 127.0.0.1:7007), -pidfile path,
-//	       -drain-timeout, -goodbye-spread
+//	       -drain-timeout, -goodbye-spread, -no-handoff
 //	SIGHUP upgrades in place; SIGTERM drains and exits 0.
 package main
 
@@ -34,9 +36,11 @@ func main() {
 	pidfile := flag.String("pidfile", "", "write the PID of the serving process here")
 	drain := flag.Duration("drain-timeout", graceful.DefaultDrainTimeout, "hard deadline of a drain")
 	spread := flag.Duration("goodbye-spread", 0, "spread the goodbyes over this much of the drain")
+	noHandOff := flag.Bool("no-handoff", false, "at upgrades, say BYE instead of handing connections to the new process")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	if err := run(graceful.Options{Logger: log, PIDFile: *pidfile, DrainTimeout: *drain, GoodbyeSpread: *spread}, *addr); err != nil {
+	opts := graceful.Options{Logger: log, PIDFile: *pidfile, DrainTimeout: *drain, GoodbyeSpread: *spread, NoHandOff: *noHandOff}
+	if err := run(opts, *addr); err != nil {
 		log.Error("exiting", "err", err)
 		os.Exit(1)
 	}
@@ -56,7 +60,7 @@ func run(opts graceful.Options, addr string) error {
 		bye := new(atomic.Bool)
 		sessions.Store(c, bye)
 		defer sessions.Delete(c)
-		echo(c, bye)
+		echo(c, bye, p.HandOff)
 	}, func(c net.Conn) {
 		if bye, ok := sessions.Load(c); ok {
 			goodbye(c, bye.(*atomic.Bool))
@@ -72,8 +76,9 @@ func goodbye(c net.Conn, bye *atomic.Bool) {
 }
 
 // echo sends every line back. Told goodbye (bye set, read deadline passed),
-// it completes the line in progress, then says BYE.
-func echo(c net.Conn, bye *atomic.Bool) {
+// it completes the line in progress, then hands the connection to the new
+// process (handOff) or, if there is none, says BYE.
+func echo(c net.Conn, bye *atomic.Bool, handOff func(net.Conn) error) {
 	r := bufio.NewReader(c)
 	var partial []byte
 	for {
@@ -92,7 +97,12 @@ func echo(c net.Conn, bye *atomic.Bool) {
 		if !errors.Is(err, os.ErrDeadlineExceeded) || !bye.Load() {
 			return // the client left, or a real error
 		}
-		// Told goodbye. Bytes of a line that already reached us (in our
+		// Told goodbye. At a line boundary, with nothing read ahead, the
+		// connection can go to the new process as it is.
+		if len(partial) == 0 && r.Buffered() == 0 && handOff(c) == nil {
+			return
+		}
+		// Bytes of a line that already reached us (in our
 		// buffer, or the kernel's: a read that finds them returns at once)
 		// are a line in progress: finish it if the client does in time.
 		if len(partial) == 0 && r.Buffered() == 0 {
@@ -115,6 +125,9 @@ func echo(c net.Conn, bye *atomic.Bool) {
 				return
 			}
 			partial = partial[:0]
+		}
+		if handOff(c) == nil {
+			return
 		}
 		c.Write([]byte("BYE\n"))
 		lingeringClose(c)

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -19,16 +20,29 @@ import (
 )
 
 // TestNoLineCut runs line clients that send each line in two parts with a
-// pause between, so goodbyes land mid-line, through upgrades and a final
-// SIGTERM: every line is echoed exactly once and intact, every connection
-// ends with BYE (never a bare close or reset), and clients that reconnect
-// reach the new process.
+// pause between, so goodbyes land mid-line, through 5 upgrades and a final
+// SIGTERM: every line is echoed exactly once and intact. With hand-off
+// (the default) the connections are carried to each new process: no BYE,
+// no reconnect. With -no-handoff every connection ends with BYE (never a
+// bare close or reset) and its client reconnects to the new process.
 func TestNoLineCut(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{{"handoff", nil}, {"bye", []string{"-no-handoff"}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			noLineCut(t, tc.name == "handoff", tc.args)
+		})
+	}
+}
+
+func noLineCut(t *testing.T, handoff bool, args []string) {
 	const clients, upgrades = 20, 5
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	srv := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/tcpecho", loadtest.Config{NoHTTP: true,
-		Args: []string{"-goodbye-spread", "100ms", "-drain-timeout", "10s"}})
+		Args: append([]string{"-goodbye-spread", "100ms", "-drain-timeout", "10s"}, args...)})
 
 	var echoed, byes atomic.Int64
 	var mu sync.Mutex
@@ -70,7 +84,11 @@ func TestNoLineCut(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 0, code)
 	assert.Empty(t, failures)
-	assert.GreaterOrEqual(t, byes.Load(), int64(clients*upgrades), "every connection of every generation said BYE")
+	if handoff {
+		assert.Zero(t, byes.Load(), "connections were carried over, not closed")
+	} else {
+		assert.GreaterOrEqual(t, byes.Load(), int64(clients*upgrades), "every connection of every generation said BYE")
+	}
 	t.Logf("%d lines echoed, %d goodbyes", echoed.Load(), byes.Load())
 }
 
@@ -175,7 +193,7 @@ func TestGoodbyeMidLine(t *testing.T) {
 		go func() {
 			defer close(done)
 			defer sc.Close()
-			echo(server, bye)
+			echo(server, bye, func(net.Conn) error { return errors.New("no successor") })
 		}()
 		r := bufio.NewReader(client)
 		if midLine {
