@@ -5,6 +5,8 @@ package main
 import (
 	"context"
 	"flag"
+	"log"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -20,21 +22,23 @@ func main() {
 	pidfile := flag.String("pidfile", "", "")
 	flag.Parse()
 	stopping := make(chan struct{})
-	srv := &http.Server{Addr: *addr, Handler: zdbench.Mux(stopping)}
+	srv := &http.Server{Handler: zdbench.Mux(stopping)}
 	srv.RegisterOnShutdown(func() { close(stopping) })
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	ln, err := net.Listen("tcp", *addr) // bound before the PID file says it is up
+	if err != nil {
+		log.Fatal(err)
+	}
 	errC := make(chan error, 1)
-	go func() { errC <- srv.ListenAndServe() }()
-	time.Sleep(10 * time.Millisecond) // no readiness signal in plain net/http
+	go func() { errC <- srv.Serve(ln) }()
 	if *pidfile != "" {
 		os.WriteFile(*pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
 	}
 	select {
 	case <-sig:
 	case err := <-errC:
-		println(err.Error())
-		os.Exit(1)
+		log.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
