@@ -26,7 +26,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -131,22 +130,7 @@ func measure(ctx context.Context, o options, name, pkg, dir string) (*result, er
 	time.Sleep(o.settle)
 	for range o.upgrades {
 		old := srv.PID()
-		var peak atomic.Int64
-		stopWatch := make(chan struct{})
-		watched := make(chan struct{})
-		go func() {
-			defer close(watched)
-			for {
-				if v := vmHWM(old); v > peak.Load() {
-					peak.Store(v)
-				}
-				select {
-				case <-stopWatch:
-					return
-				case <-time.After(20 * time.Millisecond):
-				}
-			}
-		}()
+		peakRSS := loadtest.WatchPeakRSS(old)
 		start := time.Now()
 		r.upgrades = append(r.upgrades, start)
 		var ready, exit time.Duration
@@ -171,10 +155,8 @@ func measure(ctx context.Context, o options, name, pkg, dir string) (*result, er
 			}
 			ready, exit = u.Ready, u.OldExit
 		}
-		close(stopWatch)
-		<-watched
 		r.ready, r.oldExit = append(r.ready, ready), append(r.oldExit, exit)
-		r.peakRSS = max(r.peakRSS, peak.Load())
+		r.peakRSS = max(r.peakRSS, peakRSS())
 		time.Sleep(o.settle)
 	}
 	r.stats = load.Stop()
@@ -194,21 +176,6 @@ func measure(ctx context.Context, o options, name, pkg, dir string) (*result, er
 		}
 	}
 	return r, nil
-}
-
-// vmHWM returns the peak resident memory of pid in kB, or 0.
-func vmHWM(pid int) int64 {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return n
-		}
-	}
-	return 0
 }
 
 func report(w io.Writer, o options, results []*result) {

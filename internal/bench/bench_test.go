@@ -389,26 +389,10 @@ func drain10k(b *testing.B, srv *loadtest.Server, idle, sockets int, handoff boo
 		}
 	}
 	old := srv.PID()
-	steady := procStatus(old, "VmRSS")
-	var peak atomic.Int64
-	stopWatch := make(chan struct{})
-	watched := make(chan struct{})
-	go func() { // the old process's high-water mark until it exits
-		defer close(watched)
-		for {
-			if v := procStatus(old, "VmHWM"); v > 0 {
-				peak.Store(v)
-			}
-			select {
-			case <-stopWatch:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}()
+	steady := loadtest.ProcStatus(old, "VmRSS")
+	peakRSS := loadtest.WatchPeakRSS(old)
 	u, err := srv.Upgrade(context.Background(), time.Minute)
-	close(stopWatch)
-	<-watched
+	peak := peakRSS()
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -417,7 +401,7 @@ func drain10k(b *testing.B, srv *loadtest.Server, idle, sockets int, handoff boo
 	wg.Wait()
 	b.ReportMetric(float64(u.OldExit.Milliseconds()), "ms-to-old-exit")
 	b.ReportMetric(float64(steady)/1024, "old-steady-RSS-MiB")
-	b.ReportMetric(float64(peak.Load())/1024, "old-peak-RSS-MiB")
+	b.ReportMetric(float64(peak)/1024, "old-peak-RSS-MiB")
 	b.ReportMetric(float64(errs.Load()), "client-errors")
 	if handoff {
 		b.ReportMetric(float64(handedOff(b, srv)), "handed")
@@ -425,23 +409,6 @@ func drain10k(b *testing.B, srv *loadtest.Server, idle, sockets int, handoff boo
 	if errs.Load() > 0 {
 		b.Logf("first client error: %v", sample.Load())
 	}
-}
-
-// procStatus returns a kB field of /proc/pid/status, or 0.
-func procStatus(pid int, field string) int64 {
-	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
-			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return n
-		}
-	}
-	return 0
 }
 
 // BenchmarkStrictIdleClients compares the hand-off of idle connections with

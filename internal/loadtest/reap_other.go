@@ -15,3 +15,9 @@ func Children(pid int) []int { return nil }
 
 // Alive is not implemented outside Linux.
 func Alive(pid int) bool { return false }
+
+// ProcStatus is not implemented outside Linux.
+func ProcStatus(pid int, field string) int64 { return 0 }
+
+// WatchPeakRSS is not implemented outside Linux: the peak is 0.
+func WatchPeakRSS(pid int) func() int64 { return func() int64 { return 0 } }
