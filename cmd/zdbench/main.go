@@ -136,8 +136,13 @@ func measure(ctx context.Context, o options, name, pkg, dir string) (*result, er
 		var ready, exit time.Duration
 		if name == "nethttp" {
 			// Stop, then start the new binary: the only deploy it has.
-			if err := srv.Signal(syscall.SIGTERM); err == nil {
+			err := srv.Signal(syscall.SIGTERM)
+			if err == nil {
 				_, err = srv.WaitExit(ctx, old)
+			}
+			if err != nil {
+				load.Stop()
+				return nil, fmt.Errorf("stopping pid %d: %w", old, err)
 			}
 			exit = time.Since(start)
 			srv, err = loadtest.Start(ctx, cfg)
