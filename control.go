@@ -3,7 +3,6 @@ package graceful
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,13 +12,18 @@ import (
 	"time"
 )
 
-// Commands understood by the control socket ([Options.ControlSocket]).
+// This file holds the server side of the control socket
+// ([Options.ControlSocket]); the client is package control, and the command
+// gracefulctl. The protocol: one request line, "upgrade" or "status"; one
+// answer line, "ok <text>" or "error <reason>".
+
+// Commands understood by the control socket.
 const (
-	// ControlUpgrade runs [Process.Upgrade] and answers with its outcome once
-	// the new process is ready or the attempt has failed.
-	ControlUpgrade = "upgrade"
-	// ControlStatus answers with the serving process's PID and state.
-	ControlStatus = "status"
+	// controlUpgrade runs [Process.Upgrade] and answers with its outcome
+	// once the new process is ready or the attempt has failed.
+	controlUpgrade = "upgrade"
+	// controlStatus answers with the serving process's PID and phase.
+	controlStatus = "status"
 )
 
 // controlRequestTimeout bounds how long a peer may take to send its
@@ -28,42 +32,6 @@ const (
 	controlRequestTimeout = 5 * time.Second
 	maxControlRequest     = 256
 )
-
-// Control sends command ([ControlUpgrade] or [ControlStatus]) to the
-// control socket at path and waits for the answer, at most until ctx ends.
-// It returns the answer's text, or an error carrying the reason the process
-// gave: for an upgrade, why it failed. The process keeps serving either way.
-func Control(ctx context.Context, path, command string) (string, error) {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", path)
-	if err != nil {
-		return "", fmt.Errorf("graceful: control socket: %w", err)
-	}
-	defer conn.Close()
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
-	defer stop()
-	// A refusal may arrive before the request is read: still read it.
-	_, werr := io.WriteString(conn, command+"\n")
-	line, err := bufio.NewReader(io.LimitReader(conn, 64<<10)).ReadString('\n')
-	if err != nil {
-		if werr != nil {
-			err = werr
-		} else if ctx.Err() != nil {
-			err = ctx.Err()
-		} else if errors.Is(err, io.EOF) {
-			err = errors.New("the process closed the connection without an answer (did it exit?)")
-		}
-		return "", fmt.Errorf("graceful: control socket: %s: %w", command, err)
-	}
-	line = strings.TrimSuffix(line, "\n")
-	if msg, ok := strings.CutPrefix(line, "ok "); ok {
-		return msg, nil
-	}
-	if msg, ok := strings.CutPrefix(line, "error "); ok {
-		return "", errors.New(msg)
-	}
-	return "", fmt.Errorf("graceful: control socket: malformed answer %q", line)
-}
 
 // listenControl opens the control socket (inherited across upgrades like
 // any listener) and serves it like a ServeConns server: one-line requests,
@@ -77,11 +45,11 @@ func (p *Process) listenControl(path string) error {
 		ln.Close()
 		return fmt.Errorf("graceful: control socket %s: %w", path, err)
 	}
-	p.ServeConns(ln, p.handleControl, nil)
+	p.ServeConns(ln, p.handleControl)
 	return nil
 }
 
-func (p *Process) handleControl(conn net.Conn) {
+func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 	log := p.log.With("control", true)
 	reply := func(ok bool, msg string) {
 		word := "error "
@@ -125,7 +93,7 @@ func (p *Process) handleControl(conn net.Conn) {
 	conn.SetReadDeadline(time.Time{})
 	cmd := strings.TrimSpace(line)
 	switch cmd {
-	case ControlUpgrade:
+	case controlUpgrade:
 		log.Info("control socket: upgrade requested", "peer_pid", pid)
 		start := time.Now()
 		if err := p.Upgrade(context.Background()); err != nil {
@@ -138,19 +106,10 @@ func (p *Process) handleControl(conn net.Conn) {
 		} else {
 			reply(true, fmt.Sprintf("upgraded: new process ready after %v; pid %d draining", took, os.Getpid()))
 		}
-	case ControlStatus:
-		state := "starting"
-		switch {
-		case p.health.draining.Load():
-			state = "draining"
-		case p.upgrading.Load():
-			state = "upgrading"
-		case p.health.ready.Load():
-			state = "serving"
-		}
-		reply(true, "pid "+strconv.Itoa(os.Getpid())+" "+state)
+	case controlStatus:
+		reply(true, "pid "+strconv.Itoa(os.Getpid())+" "+p.life.get().String())
 	default:
 		log.Warn("control socket: unknown command", "peer_pid", pid, "command", strconv.Quote(cmd))
-		reply(false, fmt.Sprintf("graceful: control socket: unknown command %q (want %q or %q)", cmd, ControlUpgrade, ControlStatus))
+		reply(false, fmt.Sprintf("graceful: control socket: unknown command %q (want %q or %q)", cmd, controlUpgrade, controlStatus))
 	}
 }

@@ -19,7 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/control"
 	"github.com/graceful-go/graceful/internal/loadtest"
 )
 
@@ -53,7 +53,7 @@ func TestControlSocket(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "control socket is owner-only")
 
-	msg, err := graceful.Control(ctx, sock, graceful.ControlStatus)
+	msg, err := control.Status(ctx, sock)
 	require.NoError(t, err)
 	assert.Equal(t, "pid "+strconv.Itoa(old)+" serving", msg)
 
@@ -62,8 +62,7 @@ func TestControlSocket(t *testing.T) {
 		assert.Contains(t, rawControl(t, sock, strings.Repeat("upgrade", 100)), "error graceful: control socket: request longer than 256 bytes")
 		assert.Contains(t, rawControl(t, sock, "upgrade"), "error graceful: control socket: no request line", "a request must end with a newline")
 		assert.Contains(t, rawControl(t, sock, "\n"), `unknown command ""`)
-		_, err := graceful.Control(ctx, sock, "UPGRADE")
-		assert.ErrorContains(t, err, `unknown command "UPGRADE" (want "upgrade" or "status")`)
+		assert.Contains(t, rawControl(t, sock, "UPGRADE\n"), `unknown command "UPGRADE" (want "upgrade" or "status")`)
 	})
 
 	t.Run("not the owner", func(t *testing.T) {
@@ -99,7 +98,7 @@ func TestControlSocket(t *testing.T) {
 	t.Run("crashing new binary", func(t *testing.T) {
 		load := loadtest.StartLoad(h.Addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Pause: 5 * time.Millisecond})
 		h.setMode(modeExit)
-		_, err := graceful.Control(ctx, sock, graceful.ControlUpgrade)
+		_, err := control.Upgrade(ctx, sock)
 		stats := load.Stop()
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), "exit status 3", "the reason reaches the caller")
@@ -107,7 +106,7 @@ func TestControlSocket(t *testing.T) {
 		h.noChildren()
 		assert.Zero(t, stats.Failed())
 		assert.Greater(t, stats.Requests, 0)
-		msg, err := graceful.Control(ctx, sock, graceful.ControlStatus)
+		msg, err := control.Status(ctx, sock)
 		require.NoError(t, err)
 		assert.Equal(t, "pid "+strconv.Itoa(old)+" serving", msg, "the old process still serves")
 	})
@@ -115,7 +114,7 @@ func TestControlSocket(t *testing.T) {
 	t.Run("good upgrade", func(t *testing.T) {
 		h.setMode(modeOK)
 		load := loadtest.StartLoad(h.Addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Pause: 5 * time.Millisecond})
-		msg, err := graceful.Control(ctx, sock, graceful.ControlUpgrade)
+		msg, err := control.Upgrade(ctx, sock)
 		require.NoError(t, err)
 		successor := loadtest.ReadPIDFile(h.PIDFile)
 		assert.NotEqual(t, old, successor)
@@ -131,7 +130,7 @@ func TestControlSocket(t *testing.T) {
 		fi, err := os.Stat(sock)
 		require.NoError(t, err)
 		assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
-		msg, err = graceful.Control(ctx, sock, graceful.ControlStatus)
+		msg, err = control.Status(ctx, sock)
 		require.NoError(t, err)
 		assert.Equal(t, "pid "+strconv.Itoa(successor)+" serving", msg)
 	})
@@ -142,6 +141,6 @@ func TestControlSocket(t *testing.T) {
 	assert.Equal(t, 0, code)
 	_, err = os.Stat(sock)
 	assert.ErrorIs(t, err, os.ErrNotExist)
-	_, err = graceful.Control(ctx, sock, graceful.ControlStatus)
-	assert.ErrorContains(t, err, "graceful: control socket:")
+	_, err = control.Status(ctx, sock)
+	assert.ErrorContains(t, err, "control: dial unix")
 }

@@ -10,7 +10,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -120,43 +119,27 @@ type Options struct {
 type Process struct {
 	opts   Options
 	log    *slog.Logger
+	life   *lifecycle
 	health *Health
 	plat   platform
+	group  *group
 
-	mu       sync.Mutex
-	entries  []entry
-	started  bool
-	stopping bool
-	stopCtx  context.Context
-	runs     sync.WaitGroup // every run and late stop
-	exitOnce sync.Once
-	exitC    chan struct{} // closed when the first run returns
-	exitErr  error         // first run error, guarded by mu
+	// The hand-off (handoff.go): to the successor, from the parent, and
+	// the inboxes where what arrives is served. A nil handoff cannot.
+	toSuccessor *handoff
+	fromParent  *handoff
+	inboxes     *inboxes
 
-	running      atomic.Bool
-	upgrading    atomic.Bool
-	readyC       chan struct{}
-	drainingC    chan struct{}
-	drainOnce    sync.Once
-	upgradedC    chan struct{}
-	upgradedOnce sync.Once
-	upgrades     sync.WaitGroup // Upgrade attempts still running
+	mu          sync.Mutex
+	listeners   map[any]io.Closer  // by socket: closed first in a drain
+	listenOrder []any              // the sockets, in registration order
+	drainCtx    context.Context    // set when the drain starts: its deadline
+	drainCancel context.CancelFunc // releases drainCtx
+	goodbyes    map[*func()]struct{}
+	goodbyeAt   bool // the drain started: new goodbyes are said at once
 
-	listeners []io.Closer // of served listeners, closed first in a drain
-
-	injectMu  sync.Mutex
-	injectors map[string]*injectListener // by listener address: where handed-off connections go
-
-	hooksMu      sync.Mutex
-	hooksStarted bool
-	onDrain      []func()
-	goodbyes     map[chan struct{}]struct{} // streams waiting for Goodbye
-	hooks        sync.WaitGroup             // OnDrain hooks and the goodbye spreading
-}
-
-type entry struct {
-	run  func() error
-	stop func(context.Context) error
+	attempts  sync.WaitGroup // Upgrade attempts still running
+	spreading sync.WaitGroup // the goodbye spreading
 }
 
 // created guards the process-wide state: inherited descriptors and the
@@ -225,18 +208,19 @@ func New(opts Options) (*Process, error) {
 	if !created.CompareAndSwap(false, true) {
 		return nil, errors.New("graceful: New called twice; inherited descriptors exist once per process")
 	}
+	logger = logger.With("pid", os.Getpid()) // two generations share a log
 	p := &Process{
-		opts: opts,
-		log:  logger.With("pid", os.Getpid()), // two generations share a log
-
-		health:    newHealth(opts.CheckTimeout, opts.CheckCache),
-		exitC:     make(chan struct{}),
-		readyC:    make(chan struct{}),
-		drainingC: make(chan struct{}),
-		upgradedC: make(chan struct{}),
-		goodbyes:  make(map[chan struct{}]struct{}),
-		injectors: make(map[string]*injectListener),
+		opts:      opts,
+		log:       logger,
+		life:      newLifecycle(),
+		inboxes:   newInboxes(logger),
+		group:     newGroup(logger),
+		goodbyes:  make(map[*func()]struct{}),
+		listeners: make(map[any]io.Closer),
 	}
+	p.health = newHealth(p.life, opts.CheckTimeout, opts.CheckCache)
+	p.life.beforeDrain = p.beginDrain
+	p.life.onDrain = p.spreadGoodbyes
 	if err := p.initPlatform(); err != nil {
 		created.Store(false)
 		return nil, err
@@ -253,23 +237,31 @@ func New(opts Options) (*Process, error) {
 // Health returns the process's health state and probe handlers.
 func (p *Process) Health() *Health { return p.health }
 
-// Draining returns a channel closed once, when the process starts to drain.
-// Long-lived handlers select on it to say goodbye in their own protocol.
-// A nil *Process returns a nil channel, which never closes.
+// Phase returns where the process is in its life. It changes only as the
+// table on [Phase] allows; a caller that needs to wait for a phase should
+// use [Process.Ready] or [Process.Draining].
+func (p *Process) Phase() Phase { return p.life.get() }
+
+// Ready returns a channel closed once, when the process has declared itself
+// ready (entered [PhaseServing]).
+func (p *Process) Ready() <-chan struct{} { return p.life.ready }
+
+// Draining returns a channel closed once, when the process starts to drain
+// ([PhaseHandingOver] or [PhaseDraining]), after its listeners have stopped
+// accepting. Long-lived handlers select on it to say goodbye in their own
+// protocol. A nil *Process returns a nil channel, which never closes.
 func (p *Process) Draining() <-chan struct{} {
 	if p == nil {
 		return nil
 	}
-	return p.drainingC
+	return p.life.draining
 }
-
-// Ready returns a channel closed once the process has declared itself ready.
-func (p *Process) Ready() <-chan struct{} { return p.readyC }
 
 type ctxKey struct{}
 
 // FromContext returns the Process serving the request whose context is
-// ctx, or nil when the request was not served through [Process.Serve].
+// ctx, or nil when the request was not served through [Process.Serve] or
+// [Process.ServeConns].
 func FromContext(ctx context.Context) *Process {
 	p, _ := ctx.Value(ctxKey{}).(*Process)
 	return p
@@ -279,8 +271,9 @@ func FromContext(ctx context.Context) *Process {
 // [Process.Run] once the pre-ready checks pass and must block while serving.
 // stop is called when the process drains, with a context that expires at the
 // drain deadline; it must make run return. When any run returns, every stop
-// is called. Added after Run has started, the pair starts at once. A nil
-// stop means run watches [Process.Draining] itself.
+// is called. Added after Run has started, the pair starts at once (and is
+// stopped at once if the drain has begun). A nil stop means run watches
+// [Process.Draining] itself.
 func (p *Process) Add(run func() error, stop func(ctx context.Context) error) {
 	if run == nil {
 		panic("graceful: Add with nil run")
@@ -288,38 +281,7 @@ func (p *Process) Add(run func() error, stop func(ctx context.Context) error) {
 	if stop == nil {
 		stop = func(context.Context) error { return nil }
 	}
-	e := entry{run: run, stop: stop}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.entries = append(p.entries, e)
-	if !p.started {
-		return
-	}
-	p.startLocked(e)
-	if p.stopping {
-		ctx := p.stopCtx
-		p.runs.Add(1)
-		go func() {
-			defer p.runs.Done()
-			if err := e.stop(ctx); err != nil {
-				p.log.Error("stop failed", "err", err)
-			}
-		}()
-	}
-}
-
-func (p *Process) startLocked(e entry) {
-	p.runs.Add(1)
-	go func() {
-		defer p.runs.Done()
-		err := e.run()
-		p.mu.Lock()
-		if err != nil && !p.stopping && p.exitErr == nil {
-			p.exitErr = err
-		}
-		p.mu.Unlock()
-		p.exitOnce.Do(func() { close(p.exitC) })
-	}()
+	p.group.add(entry{run: run, stop: stop})
 }
 
 // Run serves until the process is replaced or told to stop, then drains and
@@ -332,9 +294,10 @@ func (p *Process) startLocked(e entry) {
 // returns after every run has returned. Signals are trapped only while Run
 // runs. Run may be called once.
 func (p *Process) Run(ctx context.Context) error {
-	if !p.running.CompareAndSwap(false, true) {
+	if _, ok := p.life.enter(PhaseChecking); !ok {
 		return errors.New("graceful: Run called twice")
 	}
+	defer p.life.enter(PhaseDone)
 	upgradeSig := make(chan os.Signal, 1)
 	drainSig := make(chan os.Signal, 1)
 	if len(p.opts.UpgradeSignals) > 0 {
@@ -345,40 +308,35 @@ func (p *Process) Run(ctx context.Context) error {
 		signal.Notify(drainSig, p.opts.DrainSignals...)
 		defer signal.Stop(drainSig)
 	}
-	defer p.upgrades.Wait()
+	defer p.attempts.Wait()
 	bgCtx, cancelBg := context.WithCancel(context.Background())
 	defer cancelBg()
 
 	if err := p.waitChecks(ctx, drainSig); err != nil {
 		p.log.Error("pre-ready checks failed", "err", err)
-		p.closeDraining()
-		p.stopPlatform()
-		hookCtx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
-		p.waitHooks(hookCtx)
-		cancel()
-		return fmt.Errorf("graceful: not ready: %w", err)
+		p.life.enter(PhaseDraining)
+		return errors.Join(fmt.Errorf("graceful: not ready: %w", err), p.drain("not ready"))
 	}
-	p.mu.Lock()
-	p.started = true
-	for _, e := range p.entries {
-		p.startLocked(e)
-	}
-	p.mu.Unlock()
-	p.receiveHandoffs()
-
+	p.group.start()
+	p.fromParent.receive(p.inboxes.deliver, p.inboxes.finish)
 	if err := p.declareReady(); err != nil {
 		p.log.Error("declaring ready failed", "err", err)
+		p.life.enter(PhaseDraining)
 		return errors.Join(err, p.drain("ready failed"))
 	}
-	stopWatchdog := make(chan struct{})
-	watchdogDone := make(chan struct{})
+	background, background2 := make(chan struct{}), make(chan struct{})
 	go func() {
-		defer close(watchdogDone)
-		p.watchdog(stopWatchdog)
+		defer close(background)
+		p.watchdog(bgCtx.Done())
+	}()
+	go func() {
+		defer close(background2)
+		p.waitParent(bgCtx) // logs the previous generation's exit
 	}()
 	defer func() {
-		close(stopWatchdog)
-		<-watchdogDone
+		cancelBg()
+		<-background
+		<-background2
 	}()
 
 	var reason string
@@ -386,9 +344,9 @@ loop:
 	for {
 		select {
 		case sig := <-upgradeSig:
-			p.upgrades.Add(1)
+			p.attempts.Add(1)
 			go func() {
-				defer p.upgrades.Done()
+				defer p.attempts.Done()
 				p.log.Info("upgrade requested", "signal", sig.String())
 				if err := p.Upgrade(bgCtx); err != nil {
 					p.log.Error("upgrade failed; still serving", "err", err)
@@ -396,26 +354,24 @@ loop:
 			}()
 		case sig := <-drainSig:
 			reason = "signal " + sig.String()
+			p.delayDrain(drainSig)
 			break loop
 		case <-ctx.Done():
 			reason = "context done"
+			p.delayDrain(drainSig)
 			break loop
-		case <-p.upgradedC:
+		case <-p.life.upgraded:
 			reason = "upgraded"
 			break loop
-		case <-p.exitC:
+		case <-p.group.exited:
 			reason = "a server stopped"
 			break loop
 		}
 	}
-	if reason != "upgraded" && reason != "a server stopped" {
-		p.delayDrain(drainSig)
-	}
+	p.life.enter(PhaseDraining) // refused if an upgrade got there first: HandingOver
 	drainErr := p.drain(reason)
-	p.waitHandoffs()
-	p.mu.Lock()
-	runErr := p.exitErr
-	p.mu.Unlock()
+	p.fromParent.wait()
+	runErr := p.group.failure()
 	if runErr != nil {
 		runErr = fmt.Errorf("graceful: server stopped: %w", runErr)
 	}
@@ -446,6 +402,8 @@ func (p *Process) waitChecks(ctx context.Context, drainSig <-chan os.Signal) err
 	return err
 }
 
+// declareReady writes the PID file, completes the parent's upgrade and
+// enters Serving.
 func (p *Process) declareReady() error {
 	if p.opts.PIDFile != "" {
 		if err := writePIDFile(p.opts.PIDFile); err != nil {
@@ -455,8 +413,7 @@ func (p *Process) declareReady() error {
 	if err := p.notifyReady(); err != nil {
 		return fmt.Errorf("graceful: notify parent: %w", err)
 	}
-	p.health.setReady()
-	close(p.readyC)
+	p.life.enter(PhaseServing)
 	p.log.Info("ready", "inherited", p.hasParent())
 	if p.hasParent() {
 		// Allowed with NotifyAccess=all; with a PID file the parent, still
@@ -468,245 +425,114 @@ func (p *Process) declareReady() error {
 	return nil
 }
 
-// delayDrain fails readiness and keeps serving for DrainDelay, so that load
-// balancers stop sending traffic before the listener closes.
-func (p *Process) delayDrain(drainSig <-chan os.Signal) {
-	if p.opts.DrainDelay <= 0 {
+// entry is one registered run/stop pair.
+type entry struct {
+	run  func() error
+	stop func(context.Context) error
+}
+
+// group runs the registered pairs, in the manner of oklog/run: when one run
+// returns every stop is called, and the group is over when every run has
+// returned.
+type group struct {
+	log *slog.Logger
+
+	mu       sync.Mutex
+	entries  []entry
+	started  bool
+	stopCtx  context.Context // set by beginStop: a run returning is now the drain
+	err      error           // the first run's error before stopping
+	stopErrs []error
+	runs     sync.WaitGroup // every run and every stop
+	exitOnce sync.Once
+	exited   chan struct{} // closed when the first run returns
+}
+
+func newGroup(log *slog.Logger) *group {
+	return &group{log: log, exited: make(chan struct{})}
+}
+
+func (g *group) add(e entry) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.entries = append(g.entries, e)
+	if !g.started {
 		return
 	}
-	p.health.setDraining()
-	p.log.Info("readiness failing; serving on before the drain", "delay", p.opts.DrainDelay)
-	p.notify("STOPPING=1", status("readiness failing, draining in %v", p.opts.DrainDelay),
-		extendTimeout(p.opts.DrainDelay+p.opts.DrainTimeout+drainMargin))
-	t := time.NewTimer(p.opts.DrainDelay)
-	defer t.Stop()
-	select {
-	case <-t.C:
-	case sig := <-drainSig:
-		p.log.Info("second drain signal: draining now", "signal", sig.String())
-	case <-p.upgradedC:
-	case <-p.exitC:
+	g.startLocked(e)
+	if g.stopCtx != nil {
+		g.stopLocked(e)
 	}
 }
 
-// addListener registers a served listener to close when the drain starts.
-func (p *Process) addListener(ln io.Closer) {
-	p.mu.Lock()
-	p.listeners = append(p.listeners, ln)
-	p.mu.Unlock()
-}
-
-func (p *Process) closeListeners() {
-	p.mu.Lock()
-	lns := append([]io.Closer(nil), p.listeners...)
-	p.mu.Unlock()
-	for _, ln := range lns {
-		ln.Close()
+// start starts every run registered so far, and later ones as they come.
+func (g *group) start() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.started = true
+	for _, e := range g.entries {
+		g.startLocked(e)
 	}
 }
 
-func (p *Process) closeDraining() {
-	p.drainOnce.Do(func() {
-		p.health.setDraining()
-		close(p.drainingC)
-		p.startHooks()
-	})
-}
-
-// drain stops every registered server within DrainTimeout.
-func (p *Process) drain(reason string) error {
-	start := time.Now()
-	upgraded := p.isUpgraded()
-	p.log.Info("draining", "reason", reason, "timeout", p.opts.DrainTimeout)
-	if !upgraded {
-		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
-	defer cancel()
-	p.mu.Lock()
-	p.stopping = true // from now on a run returning is the drain, not a failure
-	p.stopCtx = ctx
-	p.mu.Unlock()
-	// Stop accepting before any goodbye, so a client told to reconnect
-	// reaches the successor (or nothing), never this process again.
-	p.closeListeners()
-	p.closeDraining()
-	// Cancels an upgrade still in progress (its child is killed) and
-	// releases the descriptors kept for children.
-	p.stopPlatform()
-	if !upgraded && p.opts.PIDFile != "" {
-		removePIDFile(p.opts.PIDFile)
-	}
-
-	p.mu.Lock()
-	entries := append([]entry(nil), p.entries...)
-	started := p.started
-	p.mu.Unlock()
-
-	var errs []error
-	if started {
-		errC := make(chan error, len(entries))
-		for _, e := range entries {
-			go func() { errC <- e.stop(ctx) }()
-		}
-		for range entries {
-			if err := <-errC; err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	p.runs.Wait()
-	p.waitHooks(ctx)
-	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
-	if len(errs) > 0 {
-		return fmt.Errorf("graceful: drain: %w", errors.Join(errs...))
-	}
-	return nil
-}
-
-func (p *Process) isUpgraded() bool {
-	select {
-	case <-p.upgradedC:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *Process) isDraining() bool {
-	select {
-	case <-p.drainingC:
-		return true
-	default:
-		return false
-	}
-}
-
-// Upgrade starts the executable found on disk at this process's path as a
-// child, passes it every listener, and blocks until the child is ready (nil),
-// exits, or misses [Options.UpgradeTimeout] (an error naming the cause; the
-// child is killed). On failure this process carries on serving unchanged. On
-// success [Process.Run] drains and returns. A second call while one runs, or
-// while the previous generation still drains, returns [ErrUpgradeInProgress]
-// at once. ctx bounds only the wait: the attempt itself is bounded by
-// UpgradeTimeout and still counts as in progress until it ends.
-func (p *Process) Upgrade(ctx context.Context) error {
-	if !p.upgrading.CompareAndSwap(false, true) {
-		return ErrUpgradeInProgress
-	}
-	release := true
-	defer func() {
-		if release {
-			p.upgrading.Store(false)
-		}
-	}()
-	if p.health.draining.Load() { // set by DrainDelay and by the drain itself
-		return ErrDraining
-	}
-	if err := p.upgradeAllowed(); err != nil {
-		return err
-	}
-	select {
-	case <-p.readyC:
-	default:
-		return ErrNotReady
-	}
-	start := time.Now()
-	p.log.Info("upgrade starting")
-	p.notify("RELOADING=1", monotonicUsec(), status("upgrading: starting a new process"))
-	result := make(chan error, 1)
-	release = false
-	p.upgrades.Add(1)
+func (g *group) startLocked(e entry) {
+	g.runs.Add(1)
 	go func() {
-		defer p.upgrades.Done()
-		defer p.upgrading.Store(false)
-		err := p.upgrade()
-		if err == nil {
-			p.upgradedOnce.Do(func() { close(p.upgradedC) })
-			p.log.Info("upgrade done: new process ready", "took", time.Since(start).Round(time.Millisecond))
-			if pid := p.successorPID(); pid != 0 {
-				p.notify("MAINPID="+strconv.Itoa(pid), "READY=1", status("upgraded to pid %d; pid %d draining", pid, os.Getpid()))
-			}
-		} else {
-			err = fmt.Errorf("graceful: upgrade: %w", err)
-			p.notify("READY=1", status("upgrade failed, still serving (pid %d): %v", os.Getpid(), err))
+		defer g.runs.Done()
+		err := e.run()
+		g.mu.Lock()
+		if err != nil && g.stopCtx == nil && g.err == nil {
+			g.err = err
 		}
-		result <- err
+		g.mu.Unlock()
+		g.exitOnce.Do(func() { close(g.exited) })
 	}()
-	select {
-	case err := <-result:
-		return err
-	case <-ctx.Done():
-		return fmt.Errorf("graceful: upgrade: stopped waiting: %w", ctx.Err())
+}
+
+func (g *group) stopLocked(e entry) {
+	ctx := g.stopCtx
+	g.runs.Add(1)
+	go func() {
+		defer g.runs.Done()
+		if err := e.stop(ctx); err != nil {
+			g.mu.Lock()
+			g.stopErrs = append(g.stopErrs, err)
+			g.mu.Unlock()
+		}
+	}()
+}
+
+// beginStop marks the start of the drain (from now on a run returning is
+// the drain, not a failure), runs first, then calls every stop, each in its
+// own goroutine, with the drain's context. Call it once.
+func (g *group) beginStop(ctx context.Context, first func()) {
+	g.mu.Lock()
+	g.stopCtx = ctx
+	g.mu.Unlock()
+	first()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.started {
+		return
+	}
+	for _, e := range g.entries {
+		g.stopLocked(e)
 	}
 }
 
-// checkDir fails when the directory that will hold path is missing or not
-// writable, so New reports it instead of a failure after start-up.
-func checkDir(what, path string) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".graceful-check-*")
-	if err != nil {
-		return fmt.Errorf("graceful: %s directory %s is not writable: %w", what, dir, err)
-	}
-	name := f.Name()
-	f.Close()
-	os.Remove(name)
-	return nil
+// wait waits for every run and stop to return, and returns the stops'
+// errors.
+func (g *group) wait() error {
+	g.runs.Wait()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return errors.Join(g.stopErrs...)
 }
 
-// writePIDFile replaces path atomically, so a reader never sees a partial
-// or empty file.
-func writePIDFile(path string) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("graceful: write PID file: %w", err)
-	}
-	defer os.Remove(f.Name())
-	_, err = f.WriteString(strconv.Itoa(os.Getpid()) + "\n")
-	if err == nil {
-		err = f.Chmod(0o644)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		return fmt.Errorf("graceful: write PID file: %w", err)
-	}
-	return nil
-}
-
-// successorPID is the PID the PID file names once a successor is ready, or
-// 0 without a PID file.
-func (p *Process) successorPID() int {
-	if p.opts.PIDFile == "" {
-		return 0
-	}
-	if pid := readPIDFile(p.opts.PIDFile); pid != os.Getpid() {
-		return pid
-	}
-	return 0
-}
-
-// readPIDFile returns the PID that path names, or 0.
-func readPIDFile(path string) int {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return 0
-	}
-	return pid
-}
-
-// removePIDFile removes path only while it still names this process.
-func removePIDFile(path string) {
-	if readPIDFile(path) == os.Getpid() {
-		os.Remove(path)
-	}
+// failure returns the error of the first run that returned before the
+// drain, if any.
+func (g *group) failure() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.err
 }

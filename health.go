@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -17,11 +16,11 @@ const (
 )
 
 // Health holds the readiness state of a [Process] and serves probes.
-// Readiness is: declared ready, every check passes, and not draining. Once
-// draining starts readiness stays false.
+// Readiness is: the process is in [PhaseServing] or [PhaseUpgrading], and
+// every check passes. Once the drain is on its way ([PhaseDelaying] or
+// later) readiness stays false.
 type Health struct {
-	ready    atomic.Bool
-	draining atomic.Bool
+	life     *lifecycle
 	timeout  time.Duration
 	cacheFor time.Duration
 
@@ -38,8 +37,8 @@ type namedCheck struct {
 	err error
 }
 
-func newHealth(timeout, cacheFor time.Duration) *Health {
-	return &Health{timeout: timeout, cacheFor: cacheFor}
+func newHealth(life *lifecycle, timeout, cacheFor time.Duration) *Health {
+	return &Health{life: life, timeout: timeout, cacheFor: cacheFor}
 }
 
 // AddCheck registers a named dependency check. Checks gate the first
@@ -55,9 +54,6 @@ func (h *Health) AddCheck(name string, check func(ctx context.Context) error) {
 	defer h.mu.Unlock()
 	h.checks = append(h.checks, &namedCheck{name: name, fn: check})
 }
-
-func (h *Health) setReady()    { h.ready.Store(true) }
-func (h *Health) setDraining() { h.draining.Store(true) }
 
 // checkResult is one check's outcome for a probe.
 type checkResult struct {
@@ -148,11 +144,11 @@ func (h *Health) Liveness() http.Handler {
 func (h *Health) Readiness() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		res := []checkResult{{name: "started"}, {name: "draining"}}
-		if !h.ready.Load() {
-			res[0].err = errors.New("not ready yet")
-		}
-		if h.draining.Load() {
+		switch ph := h.life.get(); {
+		case ph.draining():
 			res[1].err = errors.New("process is draining")
+		case !ph.ready():
+			res[0].err = errors.New("not ready yet")
 		}
 		if res[0].err == nil && res[1].err == nil {
 			for _, c := range h.runChecks(r.Context(), true) {

@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/control"
 	"github.com/graceful-go/graceful/internal/loadtest"
 	"github.com/graceful-go/graceful/internal/selfsigned"
 )
@@ -47,7 +48,7 @@ func TestMain(m *testing.M) {
 func controlClientMain() int {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	msg, err := graceful.Control(ctx, os.Getenv("GRACEFUL_TEST_CONTROL_CLIENT"), graceful.ControlUpgrade)
+	msg, err := control.Upgrade(ctx, os.Getenv("GRACEFUL_TEST_CONTROL_CLIENT"))
 	if err != nil {
 		fmt.Println("error:", err)
 		return 1

@@ -39,7 +39,7 @@ func TestSameAddr(t *testing.T) {
 func TestTrackerCountsAndCloses(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	tr := newTracker()
+	tr := newTracker(ln.Addr().String())
 	tl := &trackedListener{Listener: ln, t: tr}
 	defer tl.Close()
 
@@ -55,18 +55,16 @@ func TestTrackerCountsAndCloses(t *testing.T) {
 		require.NoError(t, err)
 		server = append(server, c)
 	}
-	assert.Equal(t, 3, tr.count())
-	assert.Equal(t, 3, tr.count(http.StateNew))
-	tr.setState(server[0], http.StateIdle)
-	tr.setState(server[1], http.StateHijacked)
-	assert.Equal(t, 1, tr.count(http.StateIdle))
-	assert.Equal(t, 2, tr.count(http.StateIdle, http.StateNew))
+	assert.Equal(t, 3, tr.len())
+	tr.setHTTPState(server[0], http.StateIdle)
+	tr.setHTTPState(server[1], http.StateHijacked)
+	assert.Equal(t, http.StateIdle, server[0].(*trackedConn).http)
 
 	require.NoError(t, server[2].Close())
 	require.NoError(t, server[2].Close(), "a second Close is harmless")
-	assert.Equal(t, 2, tr.count())
+	assert.Equal(t, 2, tr.len())
 	assert.Equal(t, 2, tr.closeAll())
-	assert.Equal(t, 0, tr.count())
+	assert.Equal(t, 0, tr.len())
 	buf := make([]byte, 1)
 	_, err = clients[1].Read(buf)
 	assert.Error(t, err, "the hijacked connection was closed")
@@ -89,7 +87,7 @@ func BenchmarkTrackingBytesPerConn(b *testing.B) {
 		conns[i] = &stubConn{}
 	}
 	for range b.N {
-		tr := newTracker()
+		tr := newTracker("bench")
 		before := heapAlloc()
 		for _, c := range conns {
 			tr.add(c)

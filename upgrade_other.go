@@ -2,7 +2,10 @@
 
 package graceful
 
-import "net"
+import (
+	"context"
+	"net"
+)
 
 // platform is empty where descriptors cannot be passed: the process binds
 // its own sockets, serves and drains, but cannot upgrade in place.
@@ -20,18 +23,12 @@ func (p *Process) listenPacket(network, addr string) (net.PacketConn, error) {
 	return bindPacket(network, addr)
 }
 
-func (p *Process) upgradeAllowed() error { return ErrNotSupported }
+func (p *Process) waitPrevious() error { return ErrNotSupported }
 
 func (p *Process) upgrade() error { return ErrNotSupported }
+
+func (p *Process) waitParent(context.Context) {}
 
 func (p *Process) notifyReady() error { return nil }
 
 func (p *Process) stopPlatform() {}
-
-func (p *Process) canHandOff() bool { return false }
-
-func (p *Process) handOffConn(string, net.Conn) error { return ErrNotSupported }
-
-func (p *Process) receiveHandoffs() { p.closeInjectors() }
-
-func (p *Process) waitHandoffs() {}

@@ -22,7 +22,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/control"
 )
 
 func main() {
@@ -46,8 +46,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cmd := fs.Arg(0)
-	if cmd != graceful.ControlUpgrade && cmd != graceful.ControlStatus {
-		fmt.Fprintf(stderr, "gracefulctl: unknown command %q (want %s or %s)\n", cmd, graceful.ControlUpgrade, graceful.ControlStatus)
+	commands := map[string]func(context.Context, string) (string, error){"upgrade": control.Upgrade, "status": control.Status}
+	do, ok := commands[cmd]
+	if !ok {
+		fmt.Fprintf(stderr, "gracefulctl: unknown command %q (want upgrade or status)\n", cmd)
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -58,7 +60,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		defer cancel()
 	}
 	start := time.Now()
-	msg, err := graceful.Control(ctx, *socket, cmd)
+	msg, err := do(ctx, *socket)
 	if err != nil {
 		fmt.Fprintf(stderr, "gracefulctl: %s failed after %v: %v\n", cmd, time.Since(start).Round(time.Millisecond), err)
 		return 1

@@ -20,7 +20,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -55,24 +54,22 @@ func run(opts graceful.Options, addr string) error {
 	if err != nil {
 		return err
 	}
-	var sessions sync.Map // net.Conn -> *atomic.Bool: told goodbye
-	p.ServeConns(ln, func(c net.Conn) {
-		bye := new(atomic.Bool)
-		sessions.Store(c, bye)
-		defer sessions.Delete(c)
-		echo(c, bye, p.HandOff)
-	}, func(c net.Conn) {
-		if bye, ok := sessions.Load(c); ok {
-			goodbye(c, bye.(*atomic.Bool))
-		}
+	p.ServeConns(ln, func(ctx context.Context, c net.Conn) {
+		session(ctx, c, p.HandOff)
 	})
 	return p.Run(context.Background())
 }
 
-// goodbye tells echo, reading c, to finish the line in progress and say BYE.
-func goodbye(c net.Conn, bye *atomic.Bool) {
-	bye.Store(true)
-	c.SetReadDeadline(time.Now()) // wakes the reader in echo
+// session echoes on c. When ctx is done (the goodbye), it finishes the line
+// in progress, then hands c to the new process or says BYE.
+func session(ctx context.Context, c net.Conn, handOff func(net.Conn) error) {
+	var bye atomic.Bool
+	stop := context.AfterFunc(ctx, func() {
+		bye.Store(true)
+		c.SetReadDeadline(time.Now()) // wakes the reader in echo
+	})
+	defer stop()
+	echo(c, &bye, handOff)
 }
 
 // echo sends every line back. Told goodbye (bye set, read deadline passed),

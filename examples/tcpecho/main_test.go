@@ -188,26 +188,27 @@ func TestGoodbyeMidLine(t *testing.T) {
 		sc, err := ln.Accept()
 		require.NoError(t, err)
 		server := &readSignal{Conn: sc, read: make(chan struct{})}
-		bye := new(atomic.Bool)
+		ctx, goodbye := context.WithCancel(context.Background())
+		defer goodbye()
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
 			defer sc.Close()
-			echo(server, bye, func(net.Conn) error { return errors.New("no successor") })
+			session(ctx, server, func(net.Conn) error { return errors.New("no successor") })
 		}()
 		r := bufio.NewReader(client)
 		if midLine {
 			_, err = io.WriteString(client, "hello wo")
 			require.NoError(t, err)
 			<-server.read // the server holds half a line
-			goodbye(sc, bye)
+			goodbye()
 			_, err = io.WriteString(client, "rld\n")
 			require.NoError(t, err)
 			got, err := r.ReadString('\n')
 			require.NoError(t, err)
 			assert.Equal(t, "hello world\n", got, "the line in progress is finished and echoed")
 		} else {
-			goodbye(sc, bye)
+			goodbye()
 		}
 		got, err := r.ReadString('\n')
 		require.NoError(t, err)

@@ -1,0 +1,531 @@
+package graceful
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// This file holds the connection state machine: the tracker (every
+// connection a served listener accepted), the tracked listener and the
+// tracked connection, whose one state word decides, without a lock on the
+// read path, whether bytes the peer sends are served here, left in the
+// socket for the successor, or discarded after our goodbye.
+//
+// The states and the only transitions allowed (connState.to refuses any
+// other):
+//
+//	fresh   -> seen     Read returned bytes of a request
+//	seen    -> fresh    a response began (Write, ReadFrom)
+//	fresh   -> claimed  the drain claims an idle plain HTTP/1 connection for the successor
+//	claimed -> seen     bytes beat the claim, or net/http reports a buffered (pipelined) request
+//	claimed -> handing  Close with no Read in the socket: pass it on
+//	handing -> handed   the successor has the descriptor
+//	handing -> retired  sending failed: say goodbye instead
+//	fresh   -> retired  idle through IdleGrace: FIN, then a read-drain
+//	retired -> done     the read-drain ended (peer closed, or the linger deadline)
+//	fresh, seen -> handed  ServeConns' HandOff, at a message boundary the handler vouches for
+//
+// The invariants that make the hand-off and the retirement lossless:
+//
+//  1. "Nothing read since the response began": only a fresh connection may
+//     be claimed or retired. Write moves seen back to fresh when the
+//     response starts, not when net/http reports the connection idle,
+//     because net/http's background read may already hold the first byte of
+//     the next request by then.
+//  2. "A claim loses to an arriving byte": a Read that was already in the
+//     socket when the claim was made and returns bytes moves claimed back to
+//     seen and serves them here. A Read that starts after the claim reads
+//     nothing (the bytes stay in the socket for the successor) and reports
+//     EOF, so net/http closes the connection and Close passes it on.
+//  3. "Close twice, hand off once": net/http may close a connection from
+//     two goroutines (Shutdown's idle sweep and the serve loop). The first
+//     Close to move claimed to handing sends it; any other Close waits for
+//     that send before the descriptor is closed. A Close while a Read is in
+//     the socket does nothing: the Read returns EOF and net/http closes
+//     again.
+//  4. A retired connection is never reset: after the FIN, everything the
+//     peer still sends is read and discarded until it closes or the linger
+//     deadline passes; only then is the descriptor closed.
+type connState int32
+
+const (
+	connFresh connState = iota
+	connSeen
+	connClaimed
+	connHanding
+	connHanded
+	connRetired
+	connDone
+
+	// readingBit shares the state word: set while a Read is in the socket.
+	readingBit connState = 1 << 4
+)
+
+var connStateNames = [...]string{"fresh", "seen", "claimed", "handing", "handed", "retired", "done"}
+
+func (s connState) String() string {
+	s &^= readingBit
+	if int(s) < len(connStateNames) {
+		return connStateNames[s]
+	}
+	return "invalid"
+}
+
+// connTransitions is the table above; to consults it.
+var connTransitions = [...][]connState{
+	connFresh:   {connSeen, connClaimed, connRetired, connHanded},
+	connSeen:    {connFresh, connHanded},
+	connClaimed: {connSeen, connHanding},
+	connHanding: {connHanded, connRetired},
+	connRetired: {connDone},
+}
+
+// allowed reports whether the table has from -> to.
+func (from connState) allowed(to connState) bool {
+	if int(from) >= len(connTransitions) {
+		return false
+	}
+	for _, s := range connTransitions[from] {
+		if s == to {
+			return true
+		}
+	}
+	return false
+}
+
+// lingerTimeout bounds the read-drain of a retired connection: how long,
+// after our FIN, we wait for the peer to close before closing ourselves.
+const lingerTimeout = 500 * time.Millisecond
+
+// tracker holds every connection accepted through one served listener. It
+// is the single place connections are counted; their HTTP state, kept on
+// each trackedConn, is guarded by mu.
+type tracker struct {
+	mu         sync.Mutex
+	conns      map[*trackedConn]struct{}
+	changed    chan struct{} // closed on the next change; nil while nobody waits
+	drainStart time.Time
+	// send, set during a drain with a successor, passes a claimed
+	// connection on. handed and kept count what it passed and what it
+	// could not pass (those were retired instead).
+	send   func(net.Conn) error
+	handed atomic.Int64
+	kept   atomic.Int64
+	key    string // the listener's address: where the successor serves what it receives
+
+	// testAfterRead, set only by tests, runs between a Read's return from
+	// the socket and its state change, to order a claim against it.
+	testAfterRead func()
+}
+
+func newTracker(key string) *tracker {
+	return &tracker{conns: make(map[*trackedConn]struct{}), key: key}
+}
+
+// notifyLocked wakes the waiters of changedLocked. Serving costs nothing
+// while nobody waits (only a drain does).
+func (t *tracker) notifyLocked() {
+	if t.changed != nil {
+		close(t.changed)
+		t.changed = nil
+	}
+}
+
+// changedLocked returns a channel closed on the next change.
+func (t *tracker) changedLocked() <-chan struct{} {
+	if t.changed == nil {
+		t.changed = make(chan struct{})
+	}
+	return t.changed
+}
+
+func (t *tracker) add(c net.Conn) *trackedConn {
+	tc := &trackedConn{Conn: c, t: t, since: time.Now()}
+	t.mu.Lock()
+	t.conns[tc] = struct{}{}
+	t.notifyLocked()
+	t.mu.Unlock()
+	return tc
+}
+
+func (t *tracker) remove(tc *trackedConn) {
+	t.mu.Lock()
+	if _, ok := t.conns[tc]; ok {
+		delete(t.conns, tc)
+		t.notifyLocked()
+	}
+	t.mu.Unlock()
+}
+
+// len returns how many connections are open.
+func (t *tracker) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.conns)
+}
+
+// snapshot returns the open connections.
+func (t *tracker) snapshot() []*trackedConn {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	conns := make([]*trackedConn, 0, len(t.conns))
+	for c := range t.conns {
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// setSend starts (or, with nil, stops) passing claimed connections on.
+func (t *tracker) setSend(send func(net.Conn) error) {
+	t.mu.Lock()
+	t.send = send
+	t.mu.Unlock()
+}
+
+// unwrap returns the trackedConn under c: c itself, or the connection under
+// a *tls.Conn that net/http or its HTTP/2 server reports.
+func unwrap(c net.Conn) (*trackedConn, *tls.Conn) {
+	var tlsConn *tls.Conn
+	if tc, ok := c.(*tls.Conn); ok {
+		tlsConn = tc
+		c = tc.NetConn()
+	}
+	tc, _ := c.(*trackedConn)
+	return tc, tlsConn
+}
+
+// setHTTPState records an http.ConnState change reported by net/http.
+func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
+	tc, tlsConn := unwrap(c)
+	if tc == nil || s == http.StateClosed {
+		return
+	}
+	if tlsConn != nil && s != http.StateNew && tlsConn.ConnectionState().NegotiatedProtocol == "h2" {
+		// Only the HTTP/2 server reports states after the handshake.
+		tc.h2.Store(true)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, ok := t.conns[tc]; !ok {
+		return
+	}
+	tc.tls = tlsConn
+	tc.http = s
+	tc.preDrain = false
+	if s == http.StateIdle {
+		tc.since = time.Now()
+	}
+	if (s == http.StateIdle || s == http.StateNew) && t.send != nil {
+		// Claimed before net/http's next read, which then sees EOF. (A new
+		// connection during a drain is one our parent handed us late.)
+		tc.claimLocked()
+	}
+	if s == http.StateActive && tc.to(connClaimed, connSeen) {
+		// A request was already buffered in net/http (pipelining): serve it.
+		tc.Conn.SetReadDeadline(time.Time{})
+	}
+	t.notifyLocked()
+}
+
+// startDrain marks the connections whose current response may still offer
+// keep-alive: their handlers started before the drain, so the response may
+// lack "Connection: close".
+func (t *tracker) startDrain() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.drainStart = time.Now()
+	for c := range t.conns {
+		c.preDrain = c.http == http.StateActive && !c.h2.Load()
+	}
+	t.notifyLocked()
+}
+
+// waitEmpty blocks until no connection is open or ctx ends.
+func (t *tracker) waitEmpty(ctx context.Context) error {
+	for {
+		t.mu.Lock()
+		n, ch := len(t.conns), t.changedLocked()
+		t.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// closeAll closes every tracked connection and returns how many it closed.
+func (t *tracker) closeAll() int {
+	conns := t.snapshot()
+	for _, c := range conns {
+		c.closeNow()
+	}
+	return len(conns)
+}
+
+// trackedListener adds every accepted connection to its tracker.
+type trackedListener struct {
+	net.Listener
+	t         *tracker
+	closed    atomic.Bool // we closed it: Accept's error is the drain, not a failure
+	closeOnce sync.Once
+	closeErr  error
+}
+
+func (l *trackedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return l.t.add(c), nil
+}
+
+// Close stops accepting. The socket itself stays open in any successor.
+func (l *trackedListener) Close() error {
+	l.closeOnce.Do(func() {
+		l.closed.Store(true)
+		l.closeErr = l.Listener.Close()
+	})
+	return l.closeErr
+}
+
+// trackedConn removes itself from its tracker when closed, whoever closes
+// it: net/http, a handler that hijacked it, or the drain.
+type trackedConn struct {
+	net.Conn
+	t       *tracker
+	word    atomic.Int32 // a connState | readingBit
+	h2      atomic.Bool  // HTTP/2: drained by GOAWAY, never retired or claimed
+	readAny atomic.Bool
+
+	// Guarded by t.mu.
+	http     http.ConnState
+	since    time.Time // accepted, or last went idle
+	preDrain bool      // active when the drain started: its response may lack "Connection: close"
+	tls      *tls.Conn
+
+	closeOnce sync.Once
+	closeErr  error
+	handOnce  sync.Once // the hand-off's send; a second Close waits for it
+}
+
+// state returns the connection's state, without the reading bit.
+func (c *trackedConn) state() connState { return connState(c.word.Load()) &^ readingBit }
+
+// to moves the state from one value to another, keeping the reading bit. It
+// fails if the state is not from or the table has no such transition.
+func (c *trackedConn) to(from, next connState) bool {
+	if !from.allowed(next) {
+		return false
+	}
+	for {
+		v := connState(c.word.Load())
+		if v&^readingBit != from {
+			return false
+		}
+		if c.word.CompareAndSwap(int32(v), int32(next|v&readingBit)) {
+			return true
+		}
+	}
+}
+
+// beginRead sets the reading bit unless the connection is claimed or
+// passed on: those must not consume what the peer sent.
+func (c *trackedConn) beginRead() bool {
+	for {
+		v := connState(c.word.Load())
+		if s := v &^ readingBit; s == connClaimed || s == connHanding || s == connHanded {
+			return false
+		}
+		if c.word.CompareAndSwap(int32(v), int32(v|readingBit)) {
+			return true
+		}
+	}
+}
+
+func (c *trackedConn) endRead() {
+	for {
+		v := c.word.Load()
+		if c.word.CompareAndSwap(v, v&^int32(readingBit)) {
+			return
+		}
+	}
+}
+
+// Read hands net/http what the peer sends, except on a retired connection
+// (it discards everything until the peer closes, then reports EOF, so no
+// request starts after the goodbye and closing sends no RST) and on a
+// claimed one (it reads nothing and reports EOF: what the peer sends stays
+// in the socket for the successor).
+func (c *trackedConn) Read(b []byte) (int, error) {
+	if !c.beginRead() {
+		return 0, io.EOF
+	}
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		if c.t.testAfterRead != nil {
+			c.t.testAfterRead()
+		}
+		if !c.readAny.Load() {
+			c.readAny.Store(true)
+			if bytes.HasPrefix(b[:n], []byte("PRI ")) {
+				c.h2.Store(true) // HTTP/2 with prior knowledge (h2c)
+			}
+		}
+		if !c.to(connFresh, connSeen) && c.state() == connClaimed {
+			// Invariant 2: bytes beat the claim. Cancel it and serve them
+			// here; undo the claim's deadline under the lock that set it.
+			c.t.mu.Lock()
+			if c.to(connClaimed, connSeen) {
+				c.Conn.SetReadDeadline(time.Time{})
+			}
+			c.t.mu.Unlock()
+		}
+	}
+	c.endRead()
+	switch c.state() {
+	case connRetired:
+		for err == nil {
+			_, err = c.Conn.Read(b)
+		}
+		c.to(connRetired, connDone) // the peer closed, or the linger deadline passed
+		return 0, io.EOF
+	case connClaimed, connHanding, connHanded:
+		if n == 0 {
+			return 0, io.EOF // woken by the claim's deadline
+		}
+	}
+	return n, err
+}
+
+// Close closes the connection, except (invariant 3) that a claimed one is
+// first passed to the successor, or retired if that fails; and (invariant
+// 4) that a retired one still read-draining is closed by the read-drain's
+// end or the linger timer instead.
+func (c *trackedConn) Close() error {
+	for {
+		v := connState(c.word.Load())
+		if v&^readingBit != connClaimed {
+			break
+		}
+		if v&readingBit != 0 {
+			return nil // the Read returns EOF and net/http closes again
+		}
+		if c.word.CompareAndSwap(int32(v), int32(connHanding)) {
+			break
+		}
+	}
+	if c.state() == connHanding {
+		c.handOnce.Do(c.handOff) // the first sends; a second waits for it
+	}
+	if c.state() == connRetired {
+		return nil
+	}
+	return c.closeNow()
+}
+
+// closeNow closes the descriptor, whatever the state.
+func (c *trackedConn) closeNow() error {
+	c.closeOnce.Do(func() {
+		c.closeErr = c.Conn.Close()
+		c.t.remove(c)
+	})
+	return c.closeErr
+}
+
+// CloseWrite half-closes the connection when the underlying one can, as
+// net/http does before closing after an error response.
+func (c *trackedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// Write marks the start of a response (invariant 1): what is read from now
+// on belongs to the next request.
+func (c *trackedConn) Write(b []byte) (int, error) {
+	c.to(connSeen, connFresh)
+	return c.Conn.Write(b)
+}
+
+// ReadFrom keeps the sendfile/splice path of the underlying connection.
+func (c *trackedConn) ReadFrom(r io.Reader) (int64, error) {
+	c.to(connSeen, connFresh)
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(c.Conn, r)
+}
+
+// claimLocked claims an idle plain HTTP/1 connection for the successor:
+// nothing may have been read since its last response began, and a read in
+// progress is woken by a deadline in the past. net/http then sees EOF and
+// closes it, and Close passes it on. Called with t.mu held.
+func (c *trackedConn) claimLocked() bool {
+	if c.tls != nil || c.h2.Load() || (c.http != http.StateIdle && c.http != http.StateNew) {
+		return false
+	}
+	if !c.to(connFresh, connClaimed) {
+		return false
+	}
+	c.Conn.SetReadDeadline(time.Unix(1, 0))
+	return true
+}
+
+// handOff passes a connection in state handing to the successor. If that
+// fails the connection is retired instead: FIN and read-drain, as without a
+// successor.
+func (c *trackedConn) handOff() {
+	c.t.mu.Lock()
+	send := c.t.send
+	c.t.mu.Unlock()
+	if send != nil && send(c.Conn) == nil {
+		c.to(connHanding, connHanded)
+		c.t.handed.Add(1)
+		return
+	}
+	c.t.kept.Add(1)
+	c.to(connHanding, connRetired)
+	c.sayGoodbye(nil)
+}
+
+// retire says goodbye to an idle HTTP/1 connection: TLS close_notify, FIN,
+// then a read-drain that discards anything the peer still sends, so no
+// request starts and the close sends no RST. It does nothing, and returns
+// false, if bytes of a request arrived first.
+func (c *trackedConn) retire() bool {
+	if !c.to(connFresh, connRetired) {
+		return false
+	}
+	c.t.mu.Lock()
+	tlsConn := c.tls
+	c.t.mu.Unlock()
+	c.sayGoodbye(tlsConn)
+	return true
+}
+
+// sayGoodbye sends the FIN of a retired connection and bounds its
+// read-drain: the reader (if any) stops at the deadline, and a timer closes
+// the descriptor if no reader is left to.
+func (c *trackedConn) sayGoodbye(tlsConn *tls.Conn) {
+	if tlsConn != nil {
+		tlsConn.CloseWrite()
+	}
+	c.CloseWrite()
+	c.Conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+	time.AfterFunc(2*lingerTimeout, func() {
+		c.to(connRetired, connDone)
+		c.closeNow()
+	})
+}

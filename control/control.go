@@ -1,0 +1,64 @@
+// Package control is the client of a graceful server's control socket
+// ([github.com/graceful-go/graceful.Options.ControlSocket]): it asks the server to upgrade itself
+// and learns the outcome, which "kill -HUP" cannot report. The command
+// gracefulctl is built on it.
+package control
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+)
+
+// Upgrade asks the process serving the control socket at path to upgrade
+// itself ([github.com/graceful-go/graceful.Process.Upgrade]) and waits for the outcome, at most
+// until ctx ends (the process's UpgradeTimeout bounds it too). It returns the
+// answer's text once the new process is ready ("upgraded: pid N ready after
+// D; pid M draining"), or an error carrying the reason the upgrade failed;
+// the old process keeps serving then.
+func Upgrade(ctx context.Context, path string) (string, error) {
+	return do(ctx, path, "upgrade")
+}
+
+// Status returns the serving process's PID and phase ("pid N serving"), as
+// the process at the control socket at path answers it.
+func Status(ctx context.Context, path string) (string, error) {
+	return do(ctx, path, "status")
+}
+
+func do(ctx context.Context, path, command string) (string, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return "", fmt.Errorf("control: %w", err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
+	defer stop()
+	// A refusal may arrive before the request is read: still read it.
+	_, werr := io.WriteString(conn, command+"\n")
+	line, err := bufio.NewReader(io.LimitReader(conn, 64<<10)).ReadString('\n')
+	if err != nil {
+		if werr != nil {
+			err = werr
+		} else if ctx.Err() != nil {
+			err = ctx.Err()
+		} else if errors.Is(err, io.EOF) {
+			err = errors.New("the process closed the connection without an answer (did it exit?)")
+		}
+		return "", fmt.Errorf("control: %s: %w", command, err)
+	}
+	line = strings.TrimSuffix(line, "\n")
+	if msg, ok := strings.CutPrefix(line, "ok "); ok {
+		return msg, nil
+	}
+	if msg, ok := strings.CutPrefix(line, "error "); ok {
+		return "", errors.New(msg)
+	}
+	return "", fmt.Errorf("control: malformed answer %q", line)
+}

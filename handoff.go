@@ -1,0 +1,125 @@
+package graceful
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+)
+
+// This file and its platform halves hold the hand-off: open connections
+// passed from one generation to the other, with any bytes the client has
+// already sent still unread in the socket.
+//
+// A handoff is one process's end of a channel to another generation (a
+// SOCK_SEQPACKET pair, one message per connection: the key of the listener
+// that accepted it, and its descriptor). Either end may send and receive,
+// so connections can travel from the old process to the new one (idle
+// keep-alive connections at the end of an upgrade, ServeConns' HandOff) as
+// well as back. A nil *handoff cannot hand off: send fails with
+// errNoHandoff and receive delivers nothing.
+//
+// On the receiving side, each server that can take connections registers an
+// inbox under its listener's key; received connections are accepted from
+// the inbox by the same server as if they had arrived on its listener.
+// Which connections are sent, and when, is decided by the connection state
+// machine (conn.go): only an idle connection from which nothing has been
+// read since its last response began is ever claimed and sent.
+
+// errNoHandoff is returned by a nil handoff's send.
+var errNoHandoff = errors.New("no connection hand-off channel")
+
+// inboxes are the servers' inboxes, by listener key: where received
+// connections go.
+type inboxes struct {
+	log *slog.Logger
+
+	mu       sync.Mutex
+	m        map[string]*inbox
+	finished bool
+}
+
+func newInboxes(log *slog.Logger) *inboxes {
+	return &inboxes{log: log, m: make(map[string]*inbox)}
+}
+
+// register returns the inbox of the server listening at addr.
+func (r *inboxes) register(addr net.Addr) *inbox {
+	in := &inbox{addr: addr, c: make(chan net.Conn, 64), done: make(chan struct{}), stopped: make(chan struct{})}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.m[addr.String()] = in
+	if r.finished {
+		in.finish()
+	}
+	return in
+}
+
+// deliver gives c, received for listener key, to its server's inbox, or
+// closes it if no server takes it.
+func (r *inboxes) deliver(key string, c net.Conn) {
+	r.mu.Lock()
+	in := r.m[key]
+	r.mu.Unlock()
+	if in == nil {
+		r.log.Warn("connection hand-off: no server for listener; closing", "listener", key)
+		c.Close()
+		return
+	}
+	select {
+	case in.c <- c:
+	case <-in.stopped:
+		c.Close() // the server is gone (it failed): nobody can serve it
+	}
+}
+
+// finish ends every inbox once its queue is empty: nothing more will arrive.
+func (r *inboxes) finish() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.finished = true
+	for _, in := range r.m {
+		in.finish()
+	}
+}
+
+// inbox is a listener of received connections. It keeps accepting through
+// our own drain (net/http's Close of it is ignored) until finish: a
+// connection that arrives late is served, or passed on, like any other.
+type inbox struct {
+	addr    net.Addr
+	c       chan net.Conn
+	once    sync.Once
+	done    chan struct{} // finished: no more connections will arrive
+	stopped chan struct{} // nobody accepts any more (closed by the server)
+}
+
+func (in *inbox) Accept() (net.Conn, error) {
+	select {
+	case c := <-in.c:
+		return c, nil
+	default:
+	}
+	select {
+	case c := <-in.c:
+		return c, nil
+	case <-in.done:
+		select {
+		case c := <-in.c:
+			return c, nil
+		default:
+			return nil, net.ErrClosed
+		}
+	}
+}
+
+// Close is a no-op: http.Server.Shutdown must not drop connections still on
+// their way. finish ends the inbox.
+func (in *inbox) Close() error { return nil }
+
+func (in *inbox) Addr() net.Addr { return in.addr }
+
+func (in *inbox) finish() { in.once.Do(func() { close(in.done) }) }
+
+// pending reports whether received connections wait to be accepted.
+func (in *inbox) pending() bool { return len(in.c) > 0 }

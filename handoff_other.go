@@ -1,0 +1,17 @@
+//go:build !unix
+
+package graceful
+
+import "net"
+
+// handoff is never made where descriptors cannot be passed: a nil one
+// cannot hand off.
+type handoff struct{}
+
+func (h *handoff) send(string, net.Conn) error { return errNoHandoff }
+
+func (h *handoff) receive(_ func(string, net.Conn), end func()) { end() }
+
+func (h *handoff) wait() {}
+
+func (h *handoff) close() {}

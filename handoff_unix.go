@@ -1,0 +1,150 @@
+//go:build unix
+
+package graceful
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// handoffSendTimeout bounds one send: a peer that does not read is not
+// waited for, and the connection is retired instead.
+const handoffSendTimeout = time.Second
+
+// handoff is one end of a hand-off channel (see handoff.go).
+type handoff struct {
+	conn *net.UnixConn
+	log  *slog.Logger
+	done chan struct{} // the receive loop ended; nil until receive
+}
+
+// newHandoffPair makes a hand-off channel: ours, and the other end as a
+// file to pass to the other process. Both descriptors are close-on-exec;
+// the caller closes theirs once it is passed.
+func newHandoffPair(log *slog.Logger) (ours *handoff, theirs *os.File, err error) {
+	syscall.ForkLock.RLock() // no fork between creating and marking close-on-exec
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET, 0)
+	if err == nil {
+		unix.CloseOnExec(fds[0])
+		unix.CloseOnExec(fds[1])
+	}
+	syscall.ForkLock.RUnlock()
+	if err != nil {
+		return nil, nil, fmt.Errorf("hand-off socket pair: %w", err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "handoff")
+	defer f.Close() // FileConn keeps a duplicate
+	theirs = os.NewFile(uintptr(fds[1]), "handoff-peer")
+	ours, err = handoffFromFile(f, log)
+	if err != nil {
+		theirs.Close()
+		return nil, nil, err
+	}
+	return ours, theirs, nil
+}
+
+// handoffFromFile makes a handoff of a channel end passed by another
+// process. f stays the caller's to close.
+func handoffFromFile(f *os.File, log *slog.Logger) (*handoff, error) {
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("hand-off channel: %w", err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("hand-off channel: %T is not a Unix socket", c)
+	}
+	return &handoff{conn: uc, log: log}, nil
+}
+
+// send passes c's descriptor, and the key of the listener that accepted it,
+// to the other end. Our descriptor stays ours to close.
+func (h *handoff) send(key string, c net.Conn) error {
+	if h == nil {
+		return errNoHandoff
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("hand-off: %T has no descriptor", c)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("hand-off: %w", err)
+	}
+	h.conn.SetWriteDeadline(time.Now().Add(handoffSendTimeout))
+	var werr error
+	if err := raw.Control(func(fd uintptr) {
+		_, _, werr = h.conn.WriteMsgUnix([]byte(key), unix.UnixRights(int(fd)), nil)
+	}); err != nil {
+		return fmt.Errorf("hand-off: %w", err)
+	}
+	if werr != nil {
+		return fmt.Errorf("hand-off: %w", werr)
+	}
+	return nil
+}
+
+// receive starts delivering the connections the other end sends, until it
+// closes its end (it exited) or close is called; then it closes our end and
+// calls end. Call it at most once; on a nil handoff it calls end at once.
+func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
+	if h == nil {
+		end()
+		return
+	}
+	h.done = make(chan struct{})
+	go func() {
+		defer close(h.done)
+		defer end()
+		defer h.conn.Close()
+		buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(4*4))
+		for {
+			n, oobn, _, _, err := h.conn.ReadMsgUnix(buf, oob)
+			if err != nil || n == 0 && oobn == 0 {
+				return // the other end is gone, or we close
+			}
+			msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+			if err != nil {
+				h.log.Warn("connection hand-off: malformed message", "err", err)
+				continue
+			}
+			for _, m := range msgs {
+				fds, err := unix.ParseUnixRights(&m)
+				if err != nil {
+					continue
+				}
+				for _, fd := range fds {
+					f := os.NewFile(uintptr(fd), "handed-off")
+					c, err := net.FileConn(f)
+					f.Close()
+					if err != nil {
+						h.log.Warn("connection hand-off: unusable descriptor", "err", err)
+						continue
+					}
+					deliver(string(buf[:n]), c)
+				}
+			}
+		}
+	}()
+}
+
+// wait blocks until the receive loop has ended and delivered everything.
+func (h *handoff) wait() {
+	if h != nil && h.done != nil {
+		<-h.done
+	}
+}
+
+// close closes our end; a receive loop ends.
+func (h *handoff) close() {
+	if h != nil {
+		h.conn.Close()
+	}
+}

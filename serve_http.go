@@ -1,0 +1,295 @@
+package graceful
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"time"
+)
+
+// Serve registers srv to serve HTTP on ln when [Process.Run] starts, and to
+// be drained when the process drains. It sets hooks on srv (BaseContext,
+// ConnState, Handler), keeping the caller's own; call it before srv starts
+// and do not start srv yourself. For HTTPS set srv.TLSConfig (with its
+// certificates) and pass the plain listener: Serve then serves TLS on it,
+// HTTP/2 included. Do not wrap ln in [crypto/tls.NewListener] yourself, or the
+// connections cannot be tracked under TLS.
+//
+// The drain, bounded by [Options.DrainTimeout]:
+//  1. ln stops accepting (in an upgrade the successor keeps accepting on the
+//     same socket) and requests see [Process.Draining] closed;
+//  2. every HTTP/1 response now carries "Connection: close"; a keep-alive
+//     connection that goes idle may carry one more request for
+//     [Options.IdleGrace], and one that stays idle through it is retired
+//     with a FIN (after a TLS close_notify) and a short read-drain, never a
+//     reset and never while a request is arriving;
+//  3. once no response can offer keep-alive any more, HTTP/2 connections
+//     get GOAWAY and in-flight requests finish ([http.Server.Shutdown]);
+//  4. hijacked connections (WebSocket, ...) are waited for;
+//  5. at the deadline whatever is left is force-closed, hijacked connections
+//     included, like [http.Server.Close].
+//
+// When the drain follows a successful upgrade, step 2 differs for plain
+// (non-TLS) HTTP/1 connections unless [Options.NoHandOff] is set: they are
+// not closed but handed to the new process, each the moment it is idle, with
+// any bytes the client has already sent still unread in the socket. The
+// client keeps its connection and never notices. A request that arrives as
+// the connection is being claimed is served here first.
+func (p *Process) Serve(srv *http.Server, ln net.Listener) {
+	t := newTracker(ln.Addr().String())
+	s := &httpServer{p: p, srv: srv, ln: &trackedListener{Listener: ln, t: t}, t: t, tls: srv.TLSConfig != nil}
+
+	base := srv.BaseContext
+	srv.BaseContext = func(l net.Listener) context.Context {
+		ctx := context.Background()
+		if base != nil {
+			ctx = base(l)
+		}
+		return context.WithValue(ctx, ctxKey{}, p)
+	}
+	connState := srv.ConnState
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		t.setHTTPState(c, st)
+		if connState != nil {
+			connState(c, st)
+		}
+	}
+	next := srv.Handler
+	if next == nil {
+		next = http.DefaultServeMux
+	}
+	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ProtoMajor == 1 && p.life.get().drainStarted() && (r.TLS != nil || !p.canHandOff()) {
+			// The client closes the connection after this response instead
+			// of reusing it: no race with a close from our side. (A plain
+			// connection that can be handed to the successor stays open: it
+			// is passed on when it next goes idle.)
+			w.Header().Set("Connection", "close")
+		}
+		next.ServeHTTP(w, r)
+	})
+	p.addListener(ln, s.ln)
+	if !s.tls && p.fromParent != nil {
+		// Connections the parent hands over are served as if accepted here.
+		s.inbox = p.inboxes.register(ln.Addr())
+		s.inboxLn = &trackedListener{Listener: s.inbox, t: t}
+	}
+	p.Add(s.run, s.stop)
+}
+
+type httpServer struct {
+	p       *Process
+	srv     *http.Server
+	ln      *trackedListener
+	t       *tracker
+	inbox   *inbox           // connections handed over by the parent
+	inboxLn *trackedListener // inbox, tracked
+	tls     bool             // decided at Serve: net/http may set TLSConfig itself later (HTTP/2)
+}
+
+func (s *httpServer) run() error {
+	if s.inbox != nil {
+		received := make(chan struct{})
+		go func() {
+			defer close(received)
+			defer close(s.inbox.stopped)
+			s.srv.Serve(s.inboxLn) // ends once the parent is gone
+		}()
+		defer func() {
+			<-received
+			// Connections the parent handed over late, during our own
+			// drain, are still being passed on: wait for them.
+			ctx, cancel := context.WithTimeout(context.Background(), s.p.opts.DrainTimeout)
+			defer cancel()
+			if isClosed(s.p.life.draining) && s.t.waitEmpty(ctx) != nil {
+				s.t.closeAll()
+			}
+		}()
+	}
+	var err error
+	if s.tls {
+		// net/http wraps our listener in TLS itself, so it sees *tls.Conn
+		// (ALPN, HTTP/2) and we still track the TCP connection under it.
+		err = s.srv.ServeTLS(s.ln, "", "")
+	} else {
+		err = s.srv.Serve(s.ln)
+	}
+	if errors.Is(err, http.ErrServerClosed) || (s.ln.closed.Load() && errors.Is(err, net.ErrClosed)) {
+		return nil
+	}
+	return err
+}
+
+func (s *httpServer) stop(ctx context.Context) error {
+	log := s.p.log
+	s.ln.Close()
+	if s.p.canHandOff() {
+		key := s.t.key
+		s.t.setSend(func(c net.Conn) error { return s.p.toSuccessor.send(key, c) })
+		defer func() {
+			log.Info("idle connections handed to the new process", "addr", key, "handed", s.t.handed.Load(), "not_handed", s.t.kept.Load())
+		}()
+	}
+	s.t.startDrain()
+	if s.inbox != nil {
+		// Connections our parent still hands over must be in the tracker
+		// before Shutdown, which would answer them "Connection: close".
+		select {
+		case <-s.inbox.done:
+		case <-ctx.Done():
+		}
+	}
+	err := s.retireKeepAlive(ctx)
+	if err == nil {
+		// Every HTTP/1 connection now ends after its current response;
+		// HTTP/2 connections get GOAWAY and finish their streams.
+		err = s.srv.Shutdown(ctx)
+	}
+	if err == nil {
+		// Shutdown does not wait for hijacked connections; their handlers
+		// got Draining() and have until the deadline to say goodbye.
+		err = s.t.waitEmpty(ctx)
+	}
+	if err != nil {
+		// The deadline: what is left is closed, hijacked connections too.
+		s.srv.Close()
+		if n := s.t.closeAll(); n > 0 {
+			log.Warn("drain deadline: connections force-closed", "addr", s.t.key, "conns", n)
+		}
+	}
+	return nil
+}
+
+// drainAction is what the keep-alive retirement does with a connection now.
+type drainAction int
+
+const (
+	drainSkip   drainAction = iota // nothing to wait for: HTTP/2, retired, passed on
+	drainWait                      // wait for its next state change
+	drainClaim                     // claim it for the successor
+	drainRetire                    // retire it at the returned time (now if past)
+)
+
+// connView is what decideDrain needs to know of a connection.
+type connView struct {
+	state    connState
+	http     http.ConnState
+	h2       bool
+	tls      bool
+	preDrain bool
+	since    time.Time
+}
+
+// decideDrain is the per-connection rule of retireKeepAlive, a pure function
+// of the connection's state: handoff says whether idle plain connections go
+// to a successor.
+func decideDrain(c connView, handoff bool, drainStart time.Time, grace time.Duration) (drainAction, time.Time) {
+	switch {
+	case c.h2, c.state == connRetired, c.state == connDone, c.state == connHanding, c.state == connHanded:
+		return drainSkip, time.Time{}
+	case c.state == connClaimed:
+		// Passed on once net/http closes it, unless a request beats the
+		// claim: then it must be served before Shutdown.
+		return drainWait, time.Time{}
+	}
+	// With a successor, a plain connection stays open (no "Connection:
+	// close") until it is passed on at its next idle moment; Shutdown,
+	// which closes connections after their response, must wait until every
+	// one is.
+	plainHandoff := handoff && !c.tls
+	switch c.http {
+	case http.StateActive:
+		if c.preDrain || plainHandoff {
+			return drainWait, time.Time{}
+		}
+	case http.StateIdle, http.StateNew:
+		if c.state != connFresh {
+			// A request is arriving; without a successor it gets
+			// "Connection: close". Wait until net/http sees it
+			// (StateActive), or Shutdown would close the still idle-looking
+			// connection under it.
+			if c.http == http.StateIdle || plainHandoff {
+				return drainWait, time.Time{}
+			}
+			return drainSkip, time.Time{}
+		}
+		if plainHandoff {
+			return drainClaim, time.Time{}
+		}
+		at := c.since
+		if at.Before(drainStart) {
+			at = drainStart
+		}
+		return drainRetire, at.Add(grace)
+	}
+	return drainSkip, time.Time{}
+}
+
+// retireKeepAlive ends HTTP/1 keep-alive without the race of
+// [http.Server.Shutdown], which closes idle connections at once while a
+// client may be writing its next request on them, and closes those that
+// just sent a keep-alive response. Instead, an idle connection may carry
+// one more request (answered with "Connection: close") for IdleGrace after
+// it went idle or the drain started; one that stays idle through it is
+// retired: FIN, then a short read-drain. With a successor, idle plain
+// connections are claimed and passed on instead. It returns once no
+// connection can still get a keep-alive response, so Shutdown closes
+// nothing a client may reuse.
+func (s *httpServer) retireKeepAlive(ctx context.Context) error {
+	grace := s.p.opts.IdleGrace
+	timer := time.NewTimer(grace)
+	defer timer.Stop()
+	for {
+		s.t.mu.Lock()
+		changed := s.t.changedLocked()
+		now := time.Now()
+		handoff := s.t.send != nil
+		var due []*trackedConn
+		var next time.Time
+		later := func(at time.Time) {
+			if next.IsZero() || at.Before(next) {
+				next = at
+			}
+		}
+		for c := range s.t.conns {
+			v := connView{state: c.state(), http: c.http, h2: c.h2.Load(), tls: c.tls != nil, preDrain: c.preDrain, since: c.since}
+			action, at := decideDrain(v, handoff, s.t.drainStart, grace)
+			switch action {
+			case drainWait:
+				later(now.Add(grace))
+			case drainClaim:
+				// net/http closes it at once, passing it on; if bytes got
+				// there first, wait for the request.
+				c.claimLocked()
+				later(now.Add(grace))
+			case drainRetire:
+				if at.After(now) {
+					later(at)
+				} else {
+					due = append(due, c)
+				}
+			}
+		}
+		s.t.mu.Unlock()
+		for _, c := range due {
+			c.retire()
+		}
+		if len(due) > 0 {
+			continue
+		}
+		if s.inbox != nil && s.inbox.pending() {
+			later(now.Add(time.Millisecond)) // handed over, not yet accepted
+		}
+		if next.IsZero() {
+			return nil
+		}
+		timer.Reset(time.Until(next))
+		select {
+		case <-changed:
+		case <-timer.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}

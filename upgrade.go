@@ -1,0 +1,81 @@
+package graceful
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"time"
+)
+
+// Upgrade starts the executable found on disk at this process's path as a
+// child, passes it every listener, and blocks until the child is ready (nil),
+// exits, or misses [Options.UpgradeTimeout] (an error naming the cause; the
+// child is killed). On failure this process carries on serving unchanged. On
+// success the process enters [PhaseHandingOver] and [Process.Run] drains and
+// returns. It returns at once [ErrUpgradeInProgress] while another attempt
+// runs or the previous generation still drains, [ErrNotReady] before the
+// process is ready, and [ErrDraining] once it is on its way out. ctx bounds
+// only the wait: the attempt itself is bounded by UpgradeTimeout and still
+// counts as in progress until it ends.
+func (p *Process) Upgrade(ctx context.Context) error {
+	if !p.life.move(PhaseServing, PhaseUpgrading) {
+		switch ph := p.life.get(); {
+		case ph == PhaseUpgrading:
+			return ErrUpgradeInProgress
+		case ph.draining():
+			return ErrDraining
+		case ph == PhaseServing:
+			return ErrUpgradeInProgress // another attempt just ended
+		default:
+			return ErrNotReady
+		}
+	}
+	if err := p.waitPrevious(); err != nil {
+		p.life.move(PhaseUpgrading, PhaseServing)
+		return err
+	}
+	start := time.Now()
+	p.log.Info("upgrade starting")
+	p.notify("RELOADING=1", monotonicUsec(), status("upgrading: starting a new process"))
+	result := make(chan error, 1)
+	p.attempts.Add(1)
+	go func() {
+		defer p.attempts.Done()
+		result <- p.finishUpgrade(start, p.upgrade())
+	}()
+	select {
+	case err := <-result:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("graceful: upgrade: stopped waiting: %w", ctx.Err())
+	}
+}
+
+// finishUpgrade moves the lifecycle on after an attempt: to HandingOver on
+// success, back to Serving on failure (unless a drain began meanwhile).
+func (p *Process) finishUpgrade(start time.Time, err error) error {
+	if err != nil {
+		err = fmt.Errorf("graceful: upgrade: %w", err)
+		if p.life.move(PhaseUpgrading, PhaseServing) {
+			p.notify("READY=1", status("upgrade failed, still serving (pid %d): %v", os.Getpid(), err))
+		}
+		return err
+	}
+	if !p.life.move(PhaseUpgrading, PhaseHandingOver) && !p.life.move(PhaseDelaying, PhaseHandingOver) {
+		// A drain without successor began as the child became ready: the
+		// child serves, this process drains as it had started to.
+		p.log.Warn("new process ready after the drain began; draining without hand-off")
+		return nil
+	}
+	p.log.Info("upgrade done: new process ready", "took", time.Since(start).Round(time.Millisecond))
+	if pid := p.successorPID(); pid != 0 {
+		p.notify("MAINPID="+strconv.Itoa(pid), "READY=1", status("upgraded to pid %d; pid %d draining", pid, os.Getpid()))
+	}
+	return nil
+}
+
+// canHandOff reports whether connections can go to a successor now.
+func (p *Process) canHandOff() bool {
+	return p.toSuccessor != nil && !p.opts.NoHandOff && p.life.get() == PhaseHandingOver
+}
