@@ -45,9 +45,9 @@ import (
 //     nothing (the bytes stay in the socket for the successor) and reports
 //     EOF, so net/http closes the connection and Close passes it on.
 //  3. "Close twice, hand off once": net/http may close a connection from
-//     two goroutines (Shutdown's idle sweep and the serve loop). The first
-//     Close to move claimed to handing sends it; any other Close waits for
-//     that send before the descriptor is closed. A Close while a Read is in
+//     two goroutines (Shutdown's idle sweep and the serve loop). The Close
+//     that moves claimed to handing sends it; any other Close waits for
+//     that send to end before the descriptor is closed. A Close while a Read is in
 //     the socket does nothing: the Read returns EOF and net/http closes
 //     again.
 //  4. A retired connection is never reset: after the FIN, everything the
@@ -316,7 +316,7 @@ type trackedConn struct {
 
 	closeOnce sync.Once
 	closeErr  error
-	handOnce  sync.Once // the hand-off's send; a second Close waits for it
+	handDone  chan struct{} // made by the claim; closed when its send ended
 }
 
 // state returns the connection's state, without the reading bit.
@@ -413,7 +413,8 @@ func (c *trackedConn) Read(b []byte) (int, error) {
 // 4) that a retired one still read-draining is closed by the read-drain's
 // end or the linger timer instead.
 func (c *trackedConn) Close() error {
-	for {
+	sender := false
+	for !sender {
 		v := connState(c.word.Load())
 		if v&^readingBit != connClaimed {
 			break
@@ -421,12 +422,12 @@ func (c *trackedConn) Close() error {
 		if v&readingBit != 0 {
 			return nil // the Read returns EOF and net/http closes again
 		}
-		if c.word.CompareAndSwap(int32(v), int32(connHanding)) {
-			break
-		}
+		sender = c.word.CompareAndSwap(int32(v), int32(connHanding))
 	}
-	if c.state() == connHanding {
-		c.handOnce.Do(c.handOff) // the first sends; a second waits for it
+	if sender {
+		c.handOff()
+	} else if c.state() == connHanding {
+		<-c.handDone // another Close is sending it: close only after
 	}
 	if c.state() == connRetired {
 		return nil
@@ -476,6 +477,10 @@ func (c *trackedConn) claimLocked() bool {
 	if c.tls != nil || c.h2.Load() || (c.http != http.StateIdle && c.http != http.StateNew) {
 		return false
 	}
+	if c.state() != connFresh {
+		return false // and no Close may be waiting on handDone
+	}
+	c.handDone = make(chan struct{}) // published by the state change below
 	if !c.to(connFresh, connClaimed) {
 		return false
 	}
@@ -487,6 +492,7 @@ func (c *trackedConn) claimLocked() bool {
 // fails the connection is retired instead: FIN and read-drain, as without a
 // successor.
 func (c *trackedConn) handOff() {
+	defer close(c.handDone)
 	c.t.mu.Lock()
 	send := c.t.send
 	c.t.mu.Unlock()

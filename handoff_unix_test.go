@@ -1,0 +1,76 @@
+//go:build unix
+
+package graceful
+
+import (
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestHandoffBothWays passes a connection, with the bytes its client has
+// already sent, from one end of a hand-off channel to the other and back:
+// old to new as at an upgrade, new to old as the way back needs. When one
+// end closes, the other's receive loop ends and its inboxes finish.
+func TestHandoffBothWays(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	a, theirs, err := newHandoffPair(log)
+	require.NoError(t, err)
+	b, err := handoffFromFile(theirs, log)
+	theirs.Close()
+	require.NoError(t, err)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	inA, inB := newInboxes(log), newInboxes(log)
+	boxA, boxB := inA.register(ln.Addr()), inB.register(ln.Addr())
+	a.receive(inA.deliver, inA.finish)
+	b.receive(inB.deliver, inB.finish)
+
+	for _, dir := range []struct {
+		name     string
+		from     *handoff
+		toInbox  *inbox
+		greeting string
+	}{{"old to new", a, boxB, "to the new process"}, {"new to old", b, boxA, "and back"}} {
+		client, err := net.Dial("tcp", ln.Addr().String())
+		require.NoError(t, err)
+		defer client.Close()
+		server, err := ln.Accept()
+		require.NoError(t, err)
+		_, err = io.WriteString(client, dir.greeting)
+		require.NoError(t, err)
+		require.NoError(t, dir.from.send(ln.Addr().String(), server), dir.name)
+		server.Close() // the sender's descriptor is its own to close
+
+		got, err := dir.toInbox.Accept()
+		require.NoError(t, err, dir.name)
+		defer got.Close()
+		got.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, len(dir.greeting))
+		_, err = io.ReadFull(got, buf)
+		require.NoError(t, err, dir.name)
+		assert.Equal(t, dir.greeting, string(buf), "%s: unread bytes travel with the connection", dir.name)
+		_, err = io.WriteString(got, "ok")
+		require.NoError(t, err)
+		client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = io.ReadFull(client, buf[:2])
+		require.NoError(t, err)
+		assert.Equal(t, "ok", string(buf[:2]), "%s: the client talks to the receiver", dir.name)
+	}
+
+	assert.Error(t, a.send("unknown", &net.UnixConn{}), "a connection without a descriptor is refused")
+	a.close()
+	b.wait()
+	a.wait()
+	_, err = boxB.Accept()
+	assert.ErrorIs(t, err, net.ErrClosed, "the other end is gone: nothing more arrives")
+	var none *handoff
+	assert.ErrorIs(t, none.send("k", nil), errNoHandoff, "a nil handoff cannot hand off")
+}
