@@ -22,7 +22,13 @@
 // protocols with [Process.ServeConns], gRPC with package gracefulgrpc, and
 // anything else with [Process.Add]. Under systemd the process speaks the
 // notify protocol, and [Options.ControlSocket] with the gracefulctl command
-// gives a reload whose exit status is the upgrade's outcome.
+// (or package control) gives a reload whose exit status is the upgrade's
+// outcome.
+//
+// A process goes through the phases of [Phase] (starting, checking,
+// serving, upgrading, delaying, handing-over, draining, done) along the
+// transitions documented there, and nothing else: [Process.Phase] reports
+// where it is.
 //
 // File descriptor passing is done by github.com/cloudflare/tableflip. On a
 // fresh start, sockets passed by systemd socket activation (LISTEN_FDS) are

@@ -83,6 +83,17 @@ func (r *inboxes) finish() {
 	}
 }
 
+// registerInbox returns the inbox where connections handed over for ln
+// arrive, and the same tracked by t; nil when nothing can arrive (no
+// parent, or no hand-off channel from it).
+func (p *Process) registerInbox(ln net.Listener, t *tracker) (*inbox, *trackedListener) {
+	if p.fromParent == nil {
+		return nil, nil
+	}
+	in := p.inboxes.register(ln.Addr())
+	return in, &trackedListener{Listener: in, t: t}
+}
+
 // inbox is a listener of received connections. It keeps accepting through
 // our own drain (net/http's Close of it is ignored) until finish: a
 // connection that arrives late is served, or passed on, like any other.

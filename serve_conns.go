@@ -28,10 +28,8 @@ func (p *Process) ServeConns(ln net.Listener, handle func(ctx context.Context, c
 	t := newTracker(ln.Addr().String())
 	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{})}
 	p.addListener(ln, s.ln)
-	if p.fromParent != nil {
-		// Connections the parent hands over with HandOff.
-		s.inbox = p.inboxes.register(ln.Addr())
-		s.inboxLn = &trackedListener{Listener: s.inbox, t: t}
+	// Connections the parent hands over with HandOff.
+	if s.inbox, s.inboxLn = p.registerInbox(ln, t); s.inbox != nil {
 		s.received = make(chan struct{})
 	}
 	p.Add(s.run, s.stop)

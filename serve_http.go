@@ -70,10 +70,9 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 		next.ServeHTTP(w, r)
 	})
 	p.addListener(ln, s.ln)
-	if !s.tls && p.fromParent != nil {
+	if !s.tls {
 		// Connections the parent hands over are served as if accepted here.
-		s.inbox = p.inboxes.register(ln.Addr())
-		s.inboxLn = &trackedListener{Listener: s.inbox, t: t}
+		s.inbox, s.inboxLn = p.registerInbox(ln, t)
 	}
 	p.Add(s.run, s.stop)
 }

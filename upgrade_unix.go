@@ -33,6 +33,10 @@ const (
 	// goroutine, a moment after WaitForParent returns, and has no sentinel
 	// error for it.
 	tableflipParentAlive = "parent hasn't exited"
+	// tableflipNotReady is the text of Upgrade's refusal before Ready; it
+	// too is returned for a moment after Ready, until tableflip's goroutine
+	// has seen it.
+	tableflipNotReady = "process is not ready yet"
 )
 
 type platform struct {
@@ -159,13 +163,18 @@ func (p *Process) waitPrevious() error {
 func (p *Process) upgrade() error {
 	for i := 0; ; i++ {
 		err := p.plat.upg.Upgrade()
-		// waitPrevious saw the parent gone; tableflip's goroutine may not
-		// have yet, for a moment.
-		if err == nil || i == 100 || !strings.Contains(err.Error(), tableflipParentAlive) {
+		if err == nil || i == 100 || !tableflipLagging(err) {
 			return err
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// tableflipLagging reports whether Upgrade refused only because tableflip's
+// goroutine has not yet seen what we know: that we called Ready (the phase
+// is Serving), or that the parent exited (waitPrevious saw it).
+func tableflipLagging(err error) bool {
+	return strings.Contains(err.Error(), tableflipParentAlive) || strings.Contains(err.Error(), tableflipNotReady)
 }
 
 // waitParent logs the parent's exit; it returns then or when ctx ends.

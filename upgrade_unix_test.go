@@ -78,6 +78,7 @@ func TestTableflipInternals(t *testing.T) {
 	assert.Contains(t, report, "pipes: ok\n", "a child's pipes to its parent are descriptors %d and %d", tableflipPipeWrite, tableflipPipeRead)
 	assert.Contains(t, report, "has parent: true\n")
 	assert.Contains(t, report, "upgrade while the parent lives: "+tableflipParentAlive, "the refusal's text upgrade() retries on")
+	assert.Contains(t, string(out), "upgrade before ready: "+tableflipNotReady, "the refusal's text upgrade() retries on")
 }
 
 // tableflipProbe is both roles of TestTableflipInternals: the parent starts
@@ -92,13 +93,21 @@ func tableflipProbe(dir string) int {
 			return 1
 		}
 		defer upg.Stop()
+		fmt.Println("upgrade before ready:", upg.Upgrade())
 		if err := upg.Ready(); err != nil {
 			fmt.Println("parent ready:", err)
 			return 1
 		}
-		if err := upg.Upgrade(); err != nil {
-			fmt.Println("parent upgrade:", err)
-			return 1
+		for i := 0; ; i++ {
+			err = upg.Upgrade()
+			if err == nil {
+				break
+			}
+			if i == 100 || !tableflipLagging(err) {
+				fmt.Println("parent upgrade:", err)
+				return 1
+			}
+			time.Sleep(time.Millisecond)
 		}
 		// Stay alive until the child has tried to upgrade while we live.
 		for range 1000 {
@@ -126,6 +135,10 @@ func tableflipProbe(dir string) int {
 			fmt.Fprintf(&b, "ready: %v\n", err)
 		}
 		err := upg.Upgrade()
+		for i := 0; i < 100 && err != nil && strings.Contains(err.Error(), tableflipNotReady); i++ {
+			time.Sleep(time.Millisecond) // tableflip has not seen Ready yet
+			err = upg.Upgrade()
+		}
 		fmt.Fprintf(&b, "upgrade while the parent lives: %v\n", err)
 		upg.Stop()
 	}
