@@ -91,9 +91,14 @@ func TestControlSocket(t *testing.T) {
 		require.NoError(t, os.Chmod(sock, 0o600))
 	})
 
-	// Nothing above started an upgrade.
-	assert.Empty(t, h.logs.lines(`msg="upgrade starting"`))
-	assert.Equal(t, old, h.PID())
+	// Nothing above started an upgrade: no new process was executed, and
+	// the old one still serves, not upgrading.
+	assert.Equal(t, []int{old}, h.pidsWith(evStarted))
+	assert.Empty(t, loadtest.Children(old))
+	assert.Equal(t, old, loadtest.ReadPIDFile(h.PIDFile))
+	msg, err = control.Status(ctx, sock)
+	require.NoError(t, err)
+	assert.Equal(t, "pid "+strconv.Itoa(old)+" serving", msg)
 
 	t.Run("crashing new binary", func(t *testing.T) {
 		load := loadtest.StartLoad(h.Addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Pause: 5 * time.Millisecond})

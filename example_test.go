@@ -37,6 +37,7 @@ func Example() {
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
 	<-p.Ready()
+	fmt.Println("phase:", p.Phase())
 
 	resp, err := http.Get("http://" + ln.Addr().String() + "/readyz")
 	if err != nil {
@@ -49,7 +50,10 @@ func Example() {
 
 	cancel() // like SIGTERM: drain and return
 	fmt.Println("Run returned:", <-done)
+	fmt.Println("phase:", p.Phase())
 	// Output:
+	// phase: serving
 	// 200 OK ok
 	// Run returned: <nil>
+	// phase: done
 }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,6 +20,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/graceful-go/graceful"
 	"github.com/graceful-go/graceful/internal/loadtest"
 )
 
@@ -86,49 +88,96 @@ func TestFaultBogusProtocolVariables(t *testing.T) {
 }
 
 // TestFaultUpgradeStorm sends 50 SIGHUPs within a second, each to whichever
-// process serves at that moment: upgrades run one at a time (the others
-// are refused and logged), no request fails, and in the end one process
-// serves with no child and every previous generation exited 0.
+// process serves at that moment, and among them 10 calls of
+// Process.Upgrade through the helper's API: upgrades run one at a time
+// (never more than two generations alive at once; the calls that overlap
+// an upgrade or a drain are refused at once with a sentinel error), no
+// request fails, and in the end one process serves with no child and every
+// previous generation exited 0.
 func TestFaultUpgradeStorm(t *testing.T) {
 	h := startHelper(t, nil, loadtest.Config{})
 	load := loadtest.StartLoad(h.Addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Pause: 2 * time.Millisecond})
 	waitRequests(t, load, 50)
 	first := h.PID()
-	for range 50 {
+	// Two generations at most: a serving one and the child it starts, or a
+	// draining one and its successor, which refuses to upgrade meanwhile.
+	maxAlive := 0
+	alive := func(except int) int {
+		n := 0
+		for _, pid := range h.pidsWith(evStarted) {
+			if pid != except && loadtest.Alive(pid) {
+				n++
+			}
+		}
+		return n
+	}
+	var calls sync.WaitGroup
+	answers := make(chan upgradeAnswer, 10)
+	for i := range 50 {
 		if pid := loadtest.ReadPIDFile(h.PIDFile); pid > 0 {
 			syscall.Kill(pid, syscall.SIGHUP)
 		}
+		if i%5 == 2 {
+			calls.Go(func() {
+				a, err := postUpgrade(h.Addr)
+				if err != nil {
+					a.err = "request failed: " + err.Error()
+				}
+				answers <- a
+			})
+		}
+		maxAlive = max(maxAlive, alive(0))
 		time.Sleep(20 * time.Millisecond)
 	}
-	// Let the last upgrade finish, then follow the generations to the end.
-	h.logs.waitLog(t, "upgrade starting")
+	calls.Wait()
+	close(answers)
+	// Follow the generations to the end: the one the PID file names serves,
+	// with no child, and every other has exited.
 	deadline := time.Now().Add(20 * time.Second)
+	var final int
 	for {
-		final := loadtest.ReadPIDFile(h.PIDFile)
-		if final != first && len(loadtest.Children(final)) == 0 && h.logs.lines("previous process exited") != nil {
-			started := len(h.logs.lines(`msg="upgrade starting"`))
-			ready := len(h.logs.lines("inherited=true"))
-			exited := len(h.logs.lines("previous process exited"))
-			if started == ready && ready == exited {
-				break
-			}
+		maxAlive = max(maxAlive, alive(0))
+		final = loadtest.ReadPIDFile(h.PIDFile)
+		pid, phase, err := h.phase()
+		if final != first && alive(final) == 0 && len(loadtest.Children(final)) == 0 &&
+			err == nil && pid == final && phase == graceful.PhaseServing.String() {
+			break
 		}
 		require.True(t, time.Now().Before(deadline), "the storm did not settle")
 		time.Sleep(20 * time.Millisecond)
 	}
+	h.Follow()
 	before, _ := load.Snapshot()
 	waitRequests(t, load, before+50)
 	stats := load.Stop()
 	var report strings.Builder
 	stats.Report(&report)
 	assert.Zero(t, stats.Failed(), report.String())
-	refused := len(h.logs.lines("upgrade already in progress")) + len(h.logs.lines("process is draining"))
-	upgraded := len(h.logs.lines("inherited=true"))
-	t.Logf("%d upgrades done, %d refused", upgraded, refused)
-	assert.GreaterOrEqual(t, upgraded, 2)
+
+	refused := 0
+	for a := range answers {
+		switch a.refused {
+		case refusedInProgress, refusedDraining:
+			refused++
+		case refusedNotReady: // a successor asked before it declared itself ready
+		default:
+			assert.Empty(t, a.err, "an upgrade failed other than by a refusal")
+		}
+	}
+	h.waitEvent(final, evReady)
+	generations := h.pidsWith(evReady)
+	t.Logf("%d upgrades done, %d of 10 API calls refused, at most %d generations alive at once", len(generations)-1, refused, maxAlive)
+	assert.Equal(t, h.pidsWith(evStarted), generations, "every new process started became ready")
+	assert.GreaterOrEqual(t, len(generations)-1, 2)
+	assert.LessOrEqual(t, maxAlive, 2, "an upgrade started over another one or over a draining generation")
 	assert.Positive(t, refused, "overlapping requests are refused")
-	for _, l := range h.logs.lines("level=ERROR") {
-		assert.Contains(t, l, "upgrade failed; still serving", "only refusals are errors")
+	require.Equal(t, final, generations[len(generations)-1])
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, pid := range generations[:len(generations)-1] { // all exited: alive(final) was 0
+		code, err := h.WaitExit(ctx, pid)
+		require.NoError(t, err)
+		assert.Equal(t, 0, code, "generation %d exit code", pid)
 	}
 }
 
@@ -147,19 +196,20 @@ func TestFaultPanicDuringDrain(t *testing.T) {
 		}
 		panicked <- err
 	}()
-	h.logs.waitLog(t, "panic request waiting for the drain")
+	pid := h.PID()
+	h.waitEvent(pid, evPanicWaiting)
 	rc := dialRaw(t, h.Addr)
 	rc.send("/")
 	assert.Equal(t, http.StatusOK, rc.response().StatusCode)
 	require.NoError(t, h.Signal(syscall.SIGTERM))
-	h.logs.waitLog(t, "msg=draining")
+	h.waitEvent(pid, evDraining)
 	rc.send("/") // a request during the drain is still answered
 	assert.Equal(t, http.StatusOK, rc.response().StatusCode)
 	assert.Error(t, <-panicked, "the panicking request itself fails")
-	code, err := h.WaitExit(context.Background(), h.PID())
+	code, err := h.WaitExit(context.Background(), pid)
 	require.NoError(t, err)
 	assert.Equal(t, 0, code)
-	h.logs.waitLog(t, "handler panics during the drain, as told")
+	assert.Contains(t, h.pidsWith(evPanicking), pid, "the handler reached its panic")
 }
 
 // TestFaultKillOldMidDrain kills the old process with SIGKILL while it
@@ -179,9 +229,9 @@ func TestFaultKillOldMidDrain(t *testing.T) {
 		}
 		slow <- err
 	}()
-	h.logs.waitLog(t, "slow request started")
+	h.waitEvent(old, evSlowStarted)
 	require.NoError(t, h.Signal(syscall.SIGHUP))
-	h.logs.waitLog(t, "msg=draining")
+	h.waitEvent(old, evDraining) // the successor is ready; old drains the slow request
 	require.NoError(t, syscall.Kill(old, syscall.SIGKILL))
 	_, err := h.WaitExit(context.Background(), old)
 	require.NoError(t, err)
@@ -195,11 +245,16 @@ func TestFaultKillOldMidDrain(t *testing.T) {
 	assert.Zero(t, stats.Failed())
 	assert.Equal(t, []string{strconv.Itoa(successor)}, keys(stats.PIDs), "the successor answers everything")
 	assert.Empty(t, loadtest.Children(successor))
-	// The successor noticed and accepts upgrades again.
-	h.logs.waitLog(t, "previous process exited")
-	u, err := h.Upgrade(context.Background(), 20*time.Second)
+	// The successor noticed that its parent is gone and accepts upgrades
+	// again: Upgrade is not refused, and the successor hands over and exits.
+	up := h.upgradeViaAPI()
+	require.Empty(t, up.err, "the successor refused to upgrade (%s)", up.refused)
+	assert.Equal(t, successor, up.pid)
+	code, err := h.WaitExit(context.Background(), successor)
 	require.NoError(t, err)
-	assert.Equal(t, 0, u.ExitCode)
+	assert.Equal(t, 0, code)
+	h.Follow()
+	assert.NotEqual(t, successor, h.PID())
 }
 
 // TestFaultFewDescriptors: with RLIMIT_NOFILE nearly used up by open
@@ -281,7 +336,7 @@ func keys(m map[string]int) []string {
 // once the successor is ready), so after the panic nothing serves: requests
 // are refused until a supervisor restarts the service. What graceful
 // guarantees is that the old process drained cleanly and that the failure
-// is visible: the successor's exit status and its panic in the log.
+// is visible to a supervisor: the successor exits with a panic's status.
 func TestFaultPanicAfterReady(t *testing.T) {
 	h := startHelper(t, nil, loadtest.Config{})
 	old := h.PID()
@@ -293,7 +348,7 @@ func TestFaultPanicAfterReady(t *testing.T) {
 	code, err := h.WaitExit(context.Background(), u.NewPID)
 	require.NoError(t, err)
 	assert.Equal(t, 2, code, "a Go panic exits 2")
-	h.logs.waitLog(t, "new version panics after ready, as told")
+	assert.Contains(t, h.pidsWith(evPanicking), u.NewPID, "it exited by the panic it was told to make")
 	_, err = net.Dial("tcp", h.Addr)
 	assert.ErrorIs(t, err, syscall.ECONNREFUSED, "nothing serves any more")
 }

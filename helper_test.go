@@ -1,7 +1,6 @@
 package graceful_test
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -14,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,6 +75,12 @@ func helperMain() int {
 		}
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("mode", mode)
+	ev, err := openEvents(os.Getenv("GRACEFUL_TEST_EVENTS"))
+	if err != nil {
+		log.Error("events", "err", err)
+		return 1
+	}
+	ev.add(evStarted)
 	switch mode {
 	case modeExit:
 		log.Error("exiting during start-up, as told")
@@ -133,7 +139,7 @@ func helperMain() int {
 		log.Error("listen", "err", err)
 		return 1
 	}
-	mux := helperMux(p, log)
+	mux := helperMux(p, ev)
 	srv := &http.Server{Handler: mux}
 	if *h2c {
 		srv.Protocols = new(http.Protocols)
@@ -169,17 +175,77 @@ func helperMain() int {
 		go func() {
 			<-p.Ready()
 			time.Sleep(200 * time.Millisecond)
+			ev.add(evPanicking)
 			panic("new version panics after ready, as told")
 		}()
 	}
-	if err := p.Run(context.Background()); err != nil {
+	done := make(chan struct{})
+	var watchers sync.WaitGroup
+	watchers.Go(func() { ev.when(p.Ready(), done, evReady) })
+	watchers.Go(func() { ev.when(p.Draining(), done, evDraining) })
+	err = p.Run(context.Background())
+	close(done)
+	watchers.Wait()
+	if err != nil {
 		log.Error("run", "err", err)
 		return 1
 	}
 	return 0
 }
 
-func helperMux(p *graceful.Process, log *slog.Logger) *http.ServeMux {
+// Events a helper generation appends to the file GRACEFUL_TEST_EVENTS
+// names, one line "<pid> <event>" each: what it witnessed through the public
+// API. Tests wait on these and on other state, never on log wording.
+const (
+	evStarted      = "started"       // helperMain began: a generation was executed
+	evReady        = "ready"         // Process.Ready closed
+	evDraining     = "draining"      // Process.Draining closed
+	evSlowStarted  = "slow-started"  // a /slow handler began
+	evPanicWaiting = "panic-waiting" // a /panic handler waits for the drain
+	evPanicking    = "panicking"     // a panic "as told" comes next
+)
+
+// eventLog appends events; a nil *eventLog drops them.
+type eventLog struct {
+	f   *os.File
+	pid string
+}
+
+func openEvents(path string) (*eventLog, error) {
+	if path == "" {
+		return nil, nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	return &eventLog{f: f, pid: strconv.Itoa(os.Getpid())}, nil
+}
+
+// add appends one event in a single write: with O_APPEND, lines from
+// several goroutines and generations never interleave.
+func (e *eventLog) add(event string) {
+	if e != nil {
+		e.f.Write([]byte(e.pid + " " + event + "\n"))
+	}
+}
+
+// when adds event once c is closed. It returns at done (Run returned), after
+// a last look at c: state changes are over by then.
+func (e *eventLog) when(c <-chan struct{}, done <-chan struct{}, event string) {
+	select {
+	case <-c:
+	case <-done:
+		select {
+		case <-c:
+		default:
+			return
+		}
+	}
+	e.add(event)
+}
+
+func helperMux(p *graceful.Process, ev *eventLog) *http.ServeMux {
 	pid := strconv.Itoa(os.Getpid())
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
@@ -197,18 +263,19 @@ func helperMux(p *graceful.Process, log *slog.Logger) *http.ServeMux {
 		}
 		w.Write(b)
 	})
-	// /slow?ms=N logs that it started, then answers after N ms.
+	// /slow?ms=N records that it started, then answers after N ms.
 	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
 		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
-		log.Info("slow request started")
+		ev.add(evSlowStarted)
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		w.Header().Set("X-Pid", pid)
 		io.WriteString(w, "ok")
 	})
 	// /panic panics once the process drains, in the middle of a request.
 	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) {
-		log.Info("panic request waiting for the drain")
+		ev.add(evPanicWaiting)
 		<-p.Draining()
+		ev.add(evPanicking)
 		panic("handler panics during the drain, as told")
 	})
 	// /fds lists the descriptors a handler's subprocess holds.
@@ -230,8 +297,17 @@ func helperMux(p *graceful.Process, log *slog.Logger) *http.ServeMux {
 		w.Write(out)
 	})
 	mux.Handle("GET /readyz", p.Health().Readiness())
+	// /phase answers the process's lifecycle phase.
+	mux.HandleFunc("GET /phase", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
+		io.WriteString(w, p.Phase().String())
+	})
+	// /upgrade calls Process.Upgrade and answers its error, naming in
+	// X-Refused the sentinel it matches.
 	mux.HandleFunc("POST /upgrade", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
 		if err := p.Upgrade(r.Context()); err != nil {
+			w.Header().Set("X-Refused", refusal(err))
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
@@ -249,6 +325,25 @@ func helperMux(p *graceful.Process, log *slog.Logger) *http.ServeMux {
 		io.Copy(io.Discard, c) // returns when the drain deadline closes c
 	})
 	return mux
+}
+
+// Refusals of Process.Upgrade, as /upgrade names them in X-Refused.
+const (
+	refusedInProgress = "in-progress"
+	refusedDraining   = "draining"
+	refusedNotReady   = "not-ready"
+)
+
+func refusal(err error) string {
+	switch {
+	case errors.Is(err, graceful.ErrUpgradeInProgress):
+		return refusedInProgress
+	case errors.Is(err, graceful.ErrDraining):
+		return refusedDraining
+	case errors.Is(err, graceful.ErrNotReady):
+		return refusedNotReady
+	}
+	return ""
 }
 
 func udpEcho(p *graceful.Process, pc net.PacketConn) error {
@@ -275,22 +370,23 @@ const raceEnv = "GORACE=halt_on_error=1 atexit_sleep_ms=0"
 // helper is one helper server and its deployment directory.
 type helper struct {
 	*loadtest.Server
-	t        *testing.T
-	dir      string
-	bin      string
-	modeFile string
-	logs     *syncBuffer
+	t          *testing.T
+	dir        string
+	bin        string
+	modeFile   string
+	eventsFile string
+	logs       *syncBuffer
 }
 
 // startHelper deploys a copy of the test binary and starts it.
 func startHelper(t *testing.T, args []string, cfg loadtest.Config) *helper {
 	t.Helper()
 	dir := t.TempDir()
-	h := &helper{t: t, dir: dir, bin: filepath.Join(dir, "server"), modeFile: filepath.Join(dir, "mode"), logs: &syncBuffer{}}
+	h := &helper{t: t, dir: dir, bin: filepath.Join(dir, "server"), modeFile: filepath.Join(dir, "mode"), eventsFile: filepath.Join(dir, "events"), logs: &syncBuffer{}}
 	h.deploy()
 	h.setMode(modeOK)
 	cfg.Bin, cfg.Dir, cfg.Logs, cfg.Args = h.bin, dir, h.logs, args
-	cfg.Env = append(cfg.Env, raceEnv, "GRACEFUL_TEST_HELPER=1", "GRACEFUL_TEST_MODE_FILE="+h.modeFile)
+	cfg.Env = append(cfg.Env, raceEnv, "GRACEFUL_TEST_HELPER=1", "GRACEFUL_TEST_MODE_FILE="+h.modeFile, "GRACEFUL_TEST_EVENTS="+h.eventsFile)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	srv, err := loadtest.Start(ctx, cfg)
@@ -302,7 +398,8 @@ func startHelper(t *testing.T, args []string, cfg loadtest.Config) *helper {
 	t.Cleanup(func() {
 		srv.Kill()
 		if t.Failed() {
-			t.Logf("server logs:\n%s", h.logs.String())
+			events, _ := os.ReadFile(h.eventsFile)
+			t.Logf("server logs:\n%s\nhelper events:\n%s", h.logs.String(), events)
 		}
 	})
 	return h
@@ -324,19 +421,133 @@ func (h *helper) setMode(mode string) {
 	require.NoError(h.t, os.WriteFile(h.modeFile, []byte(mode), 0o644))
 }
 
-// upgradeViaAPI asks the serving process to call Process.Upgrade and
-// returns the error text it reported ("" on success).
-func (h *helper) upgradeViaAPI() string {
-	h.t.Helper()
+// upgradeAnswer is what the helper's POST /upgrade answered.
+type upgradeAnswer struct {
+	pid     int    // the process that answered
+	err     string // the text of Upgrade's error; "" when it succeeded
+	refused string // the sentinel error it matched (refusedInProgress...), or ""
+}
+
+// postUpgrade asks the process that accepts on addr to call
+// Process.Upgrade, and returns what it answered. It is safe to call from any
+// goroutine.
+func postUpgrade(addr string) (upgradeAnswer, error) {
 	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Post("http://"+h.Addr+"/upgrade", "", nil)
-	require.NoError(h.t, err)
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode == http.StatusOK {
-		return ""
+	resp, err := c.Post("http://"+addr+"/upgrade", "", nil)
+	if err != nil {
+		return upgradeAnswer{}, err
 	}
-	return strings.TrimSpace(string(b))
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return upgradeAnswer{}, err
+	}
+	a := upgradeAnswer{refused: resp.Header.Get("X-Refused")}
+	if a.pid, err = strconv.Atoi(resp.Header.Get("X-Pid")); err != nil {
+		return a, fmt.Errorf("X-Pid: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		a.err = strings.TrimSpace(string(b))
+	}
+	return a, nil
+}
+
+// upgradeViaAPI asks the serving process to call Process.Upgrade and
+// returns what it answered.
+func (h *helper) upgradeViaAPI() upgradeAnswer {
+	h.t.Helper()
+	a, err := postUpgrade(h.Addr)
+	require.NoError(h.t, err)
+	return a
+}
+
+// phase returns the lifecycle phase of the process that accepted GET
+// /phase, and its PID.
+func (h *helper) phase() (pid int, phase string, err error) {
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get("http://" + h.Addr + "/phase")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, "", fmt.Errorf("GET /phase: %s", resp.Status)
+	}
+	pid, err = strconv.Atoi(resp.Header.Get("X-Pid"))
+	return pid, string(b), err
+}
+
+// waitPhase waits (bounded) until process pid answers GET /phase with want.
+func (h *helper) waitPhase(pid int, want graceful.Phase) {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got, phase, err := h.phase()
+		if err == nil && got == pid && phase == want.String() {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("process %d never reported phase %v (last: pid %d %q, %v)", pid, want, got, phase, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// helperEvent is one line of the events file (see helperMain).
+type helperEvent struct {
+	pid  int
+	name string
+}
+
+// events returns the events the helper's generations have recorded so far,
+// in order.
+func (h *helper) events() []helperEvent {
+	h.t.Helper()
+	b, err := os.ReadFile(h.eventsFile)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		h.t.Fatal(err)
+	}
+	var out []helperEvent
+	for line := range strings.Lines(string(b)) {
+		if !strings.HasSuffix(line, "\n") {
+			break // being written
+		}
+		pid, name, ok := strings.Cut(strings.TrimSuffix(line, "\n"), " ")
+		n, err := strconv.Atoi(pid)
+		if !ok || err != nil {
+			h.t.Fatalf("malformed event %q", line)
+		}
+		out = append(out, helperEvent{n, name})
+	}
+	return out
+}
+
+// pidsWith returns the PIDs that recorded event, in order.
+func (h *helper) pidsWith(event string) []int {
+	h.t.Helper()
+	var out []int
+	for _, e := range h.events() {
+		if e.name == event {
+			out = append(out, e.pid)
+		}
+	}
+	return out
+}
+
+// waitEvent waits (bounded) until process pid has recorded event.
+func (h *helper) waitEvent(pid int, event string) {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.Contains(h.pidsWith(event), pid) {
+		if time.Now().After(deadline) {
+			h.t.Fatalf("process %d never recorded %q", pid, event)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // noChildren waits (bounded) until the serving process has no live child.
@@ -379,28 +590,4 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
-}
-
-// waitLog waits (bounded) until the logs contain substr.
-func (s *syncBuffer) waitLog(t *testing.T, substr string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(s.String(), substr) {
-		if time.Now().After(deadline) {
-			t.Fatalf("logs never contained %q", substr)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// lines returns the log lines containing substr.
-func (s *syncBuffer) lines(substr string) []string {
-	var out []string
-	sc := bufio.NewScanner(strings.NewReader(s.String()))
-	for sc.Scan() {
-		if strings.Contains(sc.Text(), substr) {
-			out = append(out, sc.Text())
-		}
-	}
-	return out
 }
