@@ -30,15 +30,22 @@ import (
 //	handing -> retired  sending failed: say goodbye instead
 //	fresh   -> retired  idle through IdleGrace: FIN, then a read-drain
 //	retired -> done     the read-drain ended (peer closed, or the linger deadline)
-//	fresh, seen -> handed  ServeConns' HandOff, at a message boundary the handler vouches for
+//	fresh, seen -> handing  ServeConns' HandOff, at a message boundary the handler vouches for
+//	handing -> seen     HandOff's send failed: the connection stays the handler's
+//
+// Two flags share the word: reading (a Read is in the socket) and held
+// (net/http's background read took a byte of the next request).
 //
 // The invariants that make the hand-off and the retirement lossless:
 //
 //  1. "Nothing read since the response began": only a fresh connection may
 //     be claimed or retired. Write moves seen back to fresh when the
 //     response starts, not when net/http reports the connection idle,
-//     because net/http's background read may already hold the first byte of
-//     the next request by then.
+//     because net/http's background read may take the first byte of the
+//     next request after the response began. And if that 1-byte read got
+//     its byte before the response began (a pipelining client), the held
+//     flag keeps the connection seen through the response, until net/http
+//     reports the next request active.
 //  2. "A claim loses to an arriving byte": a Read that was already in the
 //     socket when the claim was made and returns bytes moves claimed back to
 //     seen and serves them here. A Read that starts after the claim reads
@@ -66,12 +73,17 @@ const (
 
 	// readingBit shares the state word: set while a Read is in the socket.
 	readingBit connState = 1 << 4
+	// heldBit shares the state word: net/http holds a byte of the next
+	// request, read by its 1-byte background read.
+	heldBit connState = 1 << 5
+
+	flagBits = readingBit | heldBit
 )
 
 var connStateNames = [...]string{"fresh", "seen", "claimed", "handing", "handed", "retired", "done"}
 
 func (s connState) String() string {
-	s &^= readingBit
+	s &^= flagBits
 	if int(s) < len(connStateNames) {
 		return connStateNames[s]
 	}
@@ -80,10 +92,10 @@ func (s connState) String() string {
 
 // connTransitions is the table above; to consults it.
 var connTransitions = [...][]connState{
-	connFresh:   {connSeen, connClaimed, connRetired, connHanded},
-	connSeen:    {connFresh, connHanded},
+	connFresh:   {connSeen, connClaimed, connRetired, connHanding},
+	connSeen:    {connFresh, connHanding},
 	connClaimed: {connSeen, connHanding},
-	connHanding: {connHanded, connRetired},
+	connHanding: {connHanded, connRetired, connSeen},
 	connRetired: {connDone},
 }
 
@@ -119,10 +131,12 @@ type tracker struct {
 	handed atomic.Int64
 	kept   atomic.Int64
 	key    string // the listener's address: where the successor serves what it receives
+	raw    bool   // ServeConns: its connections may be passed on with HandOff
 
 	// testAfterRead, set only by tests, runs between a Read's return from
-	// the socket and its state change, to order a claim against it.
-	testAfterRead func()
+	// the socket with bytes and its state change, to order a claim against
+	// it; b is the Read's buffer.
+	testAfterRead func(b []byte)
 }
 
 func newTracker(key string) *tracker {
@@ -227,9 +241,13 @@ func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
 		// connection during a drain is one our parent handed us late.)
 		tc.claimLocked()
 	}
-	if s == http.StateActive && tc.to(connClaimed, connSeen) {
-		// A request was already buffered in net/http (pipelining): serve it.
-		tc.Conn.SetReadDeadline(time.Time{})
+	if s == http.StateActive {
+		tc.setFlag(heldBit, false) // the held byte's request is now active
+		if tc.to(connClaimed, connSeen) {
+			// A request was already buffered in net/http (pipelining):
+			// serve it.
+			tc.Conn.SetReadDeadline(time.Time{})
+		}
 	}
 	t.notifyLocked()
 }
@@ -304,7 +322,7 @@ func (l *trackedListener) Close() error {
 type trackedConn struct {
 	net.Conn
 	t       *tracker
-	word    atomic.Int32 // a connState | readingBit
+	word    atomic.Int32 // a connState | flagBits
 	h2      atomic.Bool  // HTTP/2: drained by GOAWAY, never retired or claimed
 	readAny atomic.Bool
 
@@ -320,20 +338,20 @@ type trackedConn struct {
 }
 
 // state returns the connection's state, without the reading bit.
-func (c *trackedConn) state() connState { return connState(c.word.Load()) &^ readingBit }
+func (c *trackedConn) state() connState { return connState(c.word.Load()) &^ flagBits }
 
-// to moves the state from one value to another, keeping the reading bit. It
-// fails if the state is not from or the table has no such transition.
+// to moves the state from one value to another, keeping the flags. It fails
+// if the state is not from or the table has no such transition.
 func (c *trackedConn) to(from, next connState) bool {
 	if !from.allowed(next) {
 		return false
 	}
 	for {
 		v := connState(c.word.Load())
-		if v&^readingBit != from {
+		if v&^flagBits != from {
 			return false
 		}
-		if c.word.CompareAndSwap(int32(v), int32(next|v&readingBit)) {
+		if c.word.CompareAndSwap(int32(v), int32(next|v&flagBits)) {
 			return true
 		}
 	}
@@ -344,7 +362,7 @@ func (c *trackedConn) to(from, next connState) bool {
 func (c *trackedConn) beginRead() bool {
 	for {
 		v := connState(c.word.Load())
-		if s := v &^ readingBit; s == connClaimed || s == connHanding || s == connHanded {
+		if s := v &^ flagBits; s == connClaimed || s == connHanding || s == connHanded {
 			return false
 		}
 		if c.word.CompareAndSwap(int32(v), int32(v|readingBit)) {
@@ -353,10 +371,31 @@ func (c *trackedConn) beginRead() bool {
 	}
 }
 
-func (c *trackedConn) endRead() {
+func (c *trackedConn) endRead() { c.setFlag(readingBit, false) }
+
+// setFlag sets or clears one of flagBits.
+func (c *trackedConn) setFlag(flag connState, on bool) {
 	for {
-		v := c.word.Load()
-		if c.word.CompareAndSwap(v, v&^int32(readingBit)) {
+		v := connState(c.word.Load())
+		next := v &^ flag
+		if on {
+			next |= flag
+		}
+		if v == next || c.word.CompareAndSwap(int32(v), int32(next)) {
+			return
+		}
+	}
+}
+
+// responseBegins moves seen to fresh (invariant 1) unless net/http holds a
+// byte of the next request.
+func (c *trackedConn) responseBegins() {
+	for {
+		v := connState(c.word.Load())
+		if v&^flagBits != connSeen || v&heldBit != 0 {
+			return
+		}
+		if c.word.CompareAndSwap(int32(v), int32(connFresh|v&flagBits)) {
 			return
 		}
 	}
@@ -374,7 +413,10 @@ func (c *trackedConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	if n > 0 {
 		if c.t.testAfterRead != nil {
-			c.t.testAfterRead()
+			c.t.testAfterRead(b)
+		}
+		if len(b) == 1 {
+			c.setFlag(heldBit, true) // net/http's background read: invariant 1
 		}
 		if !c.readAny.Load() {
 			c.readAny.Store(true)
@@ -416,7 +458,7 @@ func (c *trackedConn) Close() error {
 	sender := false
 	for !sender {
 		v := connState(c.word.Load())
-		if v&^readingBit != connClaimed {
+		if v&^flagBits != connClaimed {
 			break
 		}
 		if v&readingBit != 0 {
@@ -456,13 +498,13 @@ func (c *trackedConn) CloseWrite() error {
 // Write marks the start of a response (invariant 1): what is read from now
 // on belongs to the next request.
 func (c *trackedConn) Write(b []byte) (int, error) {
-	c.to(connSeen, connFresh)
+	c.responseBegins()
 	return c.Conn.Write(b)
 }
 
 // ReadFrom keeps the sendfile/splice path of the underlying connection.
 func (c *trackedConn) ReadFrom(r io.Reader) (int64, error) {
-	c.to(connSeen, connFresh)
+	c.responseBegins()
 	if rf, ok := c.Conn.(io.ReaderFrom); ok {
 		return rf.ReadFrom(r)
 	}
@@ -488,9 +530,26 @@ func (c *trackedConn) claimLocked() bool {
 	return true
 }
 
-// handOff passes a connection in state handing to the successor. If that
-// fails the connection is retired instead: FIN and read-drain, as without a
-// successor.
+// beginHandOff moves a fresh or seen connection to handing, for HandOff;
+// handDone is closed by the caller once the send has ended.
+func (c *trackedConn) beginHandOff() bool {
+	c.t.mu.Lock() // one claim or hand-off at a time writes handDone
+	defer c.t.mu.Unlock()
+	for {
+		s := c.state()
+		if s != connFresh && s != connSeen {
+			return false
+		}
+		c.handDone = make(chan struct{}) // published by the state change below
+		if c.to(s, connHanding) {
+			return true
+		}
+	}
+}
+
+// handOff passes a claimed connection, now in state handing, to the
+// successor. If that fails the connection is retired instead: FIN and a
+// read-drain, as without a successor.
 func (c *trackedConn) handOff() {
 	defer close(c.handDone)
 	c.t.mu.Lock()
@@ -503,7 +562,14 @@ func (c *trackedConn) handOff() {
 	}
 	c.t.kept.Add(1)
 	c.to(connHanding, connRetired)
-	c.sayGoodbye(nil)
+	// net/http has stopped reading: the read-drain of invariant 4 is ours.
+	c.CloseWrite()
+	c.Conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+	go func() {
+		io.Copy(io.Discard, c.Conn) // ends at the peer's FIN or the deadline
+		c.to(connRetired, connDone)
+		c.closeNow()
+	}()
 }
 
 // retire says goodbye to an idle HTTP/1 connection: TLS close_notify, FIN,

@@ -60,7 +60,7 @@ func TestConnTransitions(t *testing.T) {
 			listed[[2]connState{connState(from), to}] = true
 		}
 	}
-	assert.Len(t, listed, 11, "the table in conn.go's comment has 11 transitions")
+	assert.Len(t, listed, 12, "the table in conn.go's comment has 12 transitions")
 	for from := connFresh; from <= connDone; from++ {
 		for to := connFresh; to <= connDone; to++ {
 			c := &trackedConn{}
@@ -88,7 +88,7 @@ func TestClaimLosesToArrivingByte(t *testing.T) {
 	_, err := client.Write([]byte("G"))
 	require.NoError(t, err)
 	claimed := false
-	tc.t.testAfterRead = func() { claimed = claim(tc) }
+	tc.t.testAfterRead = func([]byte) { claimed = claim(tc) }
 	buf := make([]byte, 8)
 	n, err := tc.Read(buf)
 	require.NoError(t, err)
@@ -124,9 +124,10 @@ func TestClaimBeforeByteLeavesItInSocket(t *testing.T) {
 	assert.Equal(t, "GET / HTTP/1.1\r\n", string(buf), "every byte is still in the socket")
 }
 
-// A Read blocked in the socket is woken by the claim with EOF; Close while
-// it is in the socket does nothing, and the Close after it hands the
-// connection over with the request the client sends meanwhile intact.
+// A Close while a Read is in the socket does nothing (net/http closes again
+// once the Read returns); the claim's deadline wakes a blocked Read with
+// EOF; the Close after it hands the connection over with the request the
+// client sent meanwhile intact.
 func TestClaimWakesBlockedRead(t *testing.T) {
 	client, server := tcpPair(t)
 	received := make(chan net.Conn, 1)
@@ -149,11 +150,17 @@ func TestClaimWakesBlockedRead(t *testing.T) {
 		require.Less(t, i, 5000, "the Read never reached the socket")
 		time.Sleep(time.Millisecond)
 	}
-	require.True(t, claim(tc))
+	// Claimed, but its deadline not set yet: the Read stays in the socket.
+	tc.t.mu.Lock()
+	tc.handDone = make(chan struct{})
+	require.True(t, tc.to(connFresh, connClaimed))
+	tc.t.mu.Unlock()
 	require.NoError(t, tc.Close(), "Close while the Read is in the socket")
 	assert.Equal(t, connClaimed, tc.state(), "that Close did nothing")
-	assert.ErrorIs(t, <-readDone, io.EOF)
+	assert.Equal(t, 1, tc.t.len())
 
+	tc.Conn.SetReadDeadline(time.Unix(1, 0)) // the claim's deadline
+	assert.ErrorIs(t, <-readDone, io.EOF)
 	_, err := client.Write([]byte("ping"))
 	require.NoError(t, err)
 	require.NoError(t, tc.Close())
@@ -235,7 +242,7 @@ func TestWriteMarksResponse(t *testing.T) {
 	tc := idleConn(t, server, nil)
 	_, err := client.Write([]byte("x"))
 	require.NoError(t, err)
-	_, err = tc.Read(make([]byte, 1))
+	_, err = tc.Read(make([]byte, 4096)) // net/http's bufio reads
 	require.NoError(t, err)
 	assert.Equal(t, connSeen, tc.state())
 	assert.False(t, claim(tc), "never claimed while a request is in")
@@ -244,4 +251,40 @@ func TestWriteMarksResponse(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, connFresh, tc.state())
 	assert.True(t, tc.retire())
+}
+
+// A pipelining client: net/http's 1-byte background read takes the first
+// byte of the next request while the handler of the current one runs,
+// before its response begins. The response must not make the connection
+// fresh, or the claim that follows at StateIdle would send the socket to
+// the successor without that byte (the successor would read "ET / ...").
+// It is fresh again only after the next request's response begins.
+func TestPipelinedByteHeldThroughResponse(t *testing.T) {
+	client, server := tcpPair(t)
+	tc := idleConn(t, server, func(net.Conn) error { return errors.New("must not be sent") })
+	req := "GET /1 HTTP/1.1\r\n\r\n"
+	_, err := client.Write([]byte(req))
+	require.NoError(t, err)
+	_, err = io.ReadFull(tc, make([]byte, len(req))) // as net/http's bufio reads it
+	require.NoError(t, err)
+	tc.t.setHTTPState(tc, http.StateActive)
+	_, err = client.Write([]byte("G")) // the client pipelines the next request
+	require.NoError(t, err)
+	n, err := tc.Read(make([]byte, 1)) // the background read, handler running
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	_, err = tc.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+	require.NoError(t, err)
+	assert.Equal(t, connSeen, tc.state(), "net/http holds a byte of the next request")
+	tc.t.setHTTPState(tc, http.StateIdle) // where the drain claims idle connections
+	assert.Equal(t, connSeen, tc.state(), "not claimed")
+	assert.False(t, claim(tc))
+	assert.False(t, tc.retire())
+
+	tc.t.setHTTPState(tc, http.StateActive) // request 2 is served here
+	_, err = tc.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+	require.NoError(t, err)
+	assert.Equal(t, connFresh, tc.state(), "after request 2's response nothing is held")
+	tc.t.setHTTPState(tc, http.StateIdle)
+	assert.Equal(t, connClaimed, tc.state(), "claimed at its next idle moment")
 }

@@ -17,8 +17,10 @@ import (
 // the goodbyes and before Draining() closes. It starts the drain's deadline,
 // stops accepting (so that a client told goodbye reconnects to the
 // successor, or to nothing, never to this process again), and calls every
-// server's stop: an HTTP/2 or gRPC server sends its GOAWAY before any stream
-// is told goodbye, so that a client's retry opens a new connection.
+// server's stop. The stops start before the goodbyes, which gives gRPC's
+// GracefulStop a head start to send GOAWAY, but nothing orders the two:
+// an HTTP/2 client may still retry a stream on its old connection and be
+// told goodbye there again.
 func (p *Process) beginDrain() {
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
 	p.mu.Lock()
@@ -42,9 +44,12 @@ func (p *Process) drain(reason string) error {
 	if !upgraded && ready {
 		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
 	}
-	// Cancels an upgrade still in progress (its child is killed) and
-	// releases the descriptors kept for children.
-	p.stopPlatform()
+	// Cancels an upgrade still in progress (its child is killed) and, with
+	// no successor, removes the Unix socket files. Not in a new process that
+	// never became ready: the sockets are its parent's, which serves on.
+	if ready || !p.hasParent() {
+		p.stopPlatform()
+	}
 	if !upgraded && p.opts.PIDFile != "" {
 		removePIDFile(p.opts.PIDFile)
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/control"
 	"github.com/graceful-go/graceful/internal/loadtest"
 )
 
@@ -364,4 +365,57 @@ func TestPIDFileMode(t *testing.T) {
 	b, err := os.ReadFile(h.PIDFile)
 	require.NoError(t, err)
 	assert.Equal(t, strconv.Itoa(h.PID())+"\n", string(b))
+}
+
+// TestFaultSuccessorStoppedBeforeReady stops a new version (SIGTERM) while
+// its pre-ready checks run: it drains and exits without becoming ready, the
+// upgrade fails with that exit, and the old process serves on, with its
+// Unix socket and control socket files still in place (the new process must
+// not remove sockets it only inherited).
+func TestFaultSuccessorStoppedBeforeReady(t *testing.T) {
+	dir := t.TempDir()
+	sock, ctl := filepath.Join(dir, "http.sock"), filepath.Join(dir, "control.sock")
+	h := startHelper(t, []string{"-unix", sock, "-control", ctl}, loadtest.Config{})
+	old := h.PID()
+	h.setMode(modeCheckFail)
+	answer := make(chan upgradeAnswer, 1)
+	go func() {
+		a, err := postUpgrade(h.Addr)
+		if err != nil {
+			a.err = err.Error()
+		}
+		answer <- a
+	}()
+	var child int
+	for i := 0; child == 0; i++ {
+		require.Less(t, i, 2000, "the new process never ran its checks")
+		for _, pid := range h.pidsWith(evChecking) {
+			if pid != old {
+				child = pid
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	require.NoError(t, syscall.Kill(child, syscall.SIGTERM))
+	a := <-answer
+	assert.Equal(t, old, a.pid)
+	assert.Contains(t, a.err, "exited", "the upgrade failed with the new process's exit")
+	h.noChildren()
+
+	for _, f := range []string{sock, ctl} {
+		_, err := os.Stat(f)
+		assert.NoError(t, err, "%s is still there", f)
+	}
+	unixClient := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		},
+	}}
+	defer unixClient.CloseIdleConnections()
+	assert.Equal(t, old, pidOf(t, unixClient, "http://unix/"), "the old process serves on its Unix socket")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	msg, err := control.Status(ctx, ctl)
+	require.NoError(t, err)
+	assert.Equal(t, "pid "+strconv.Itoa(old)+" serving", msg)
 }

@@ -99,7 +99,7 @@ type Options struct {
 	PIDFile string
 
 	// ControlSocket, when set, is the path of a Unix socket (mode 0600,
-	// kept across upgrades) on which [Control] and the gracefulctl command
+	// kept across upgrades) on which package control and the gracefulctl command
 	// request an upgrade and learn its outcome: the truthful ExecReload= for
 	// systemd. Only a peer with this process's user ID is answered. Linux
 	// only; elsewhere [New] returns an error.
@@ -138,8 +138,9 @@ type Process struct {
 	goodbyes    map[*func()]struct{}
 	goodbyeAt   bool // the drain started: new goodbyes are said at once
 
-	attempts  sync.WaitGroup // Upgrade attempts still running
-	spreading sync.WaitGroup // the goodbye spreading
+	attempts     sync.WaitGroup // Upgrade attempts still running
+	attemptsOver bool           // Run has waited for them: no more (guarded by mu)
+	spreading    sync.WaitGroup // the goodbye spreading
 }
 
 // created guards the process-wide state: inherited descriptors and the
@@ -308,7 +309,12 @@ func (p *Process) Run(ctx context.Context) error {
 		signal.Notify(drainSig, p.opts.DrainSignals...)
 		defer signal.Stop(drainSig)
 	}
-	defer p.attempts.Wait()
+	defer func() {
+		p.mu.Lock()
+		p.attemptsOver = true
+		p.mu.Unlock()
+		p.attempts.Wait()
+	}()
 	bgCtx, cancelBg := context.WithCancel(context.Background())
 	defer cancelBg()
 
@@ -349,7 +355,11 @@ loop:
 				defer p.attempts.Done()
 				p.log.Info("upgrade requested", "signal", sig.String())
 				if err := p.Upgrade(bgCtx); err != nil {
-					p.log.Error("upgrade failed; still serving", "err", err)
+					if p.Phase().ready() {
+						p.log.Error("upgrade failed; still serving", "err", err)
+					} else {
+						p.log.Error("upgrade failed", "err", err, "phase", p.Phase().String())
+					}
 				}
 			}()
 		case sig := <-drainSig:
@@ -432,36 +442,46 @@ type entry struct {
 }
 
 // group runs the registered pairs, in the manner of oklog/run: when one run
-// returns every stop is called, and the group is over when every run has
-// returned.
+// returns every stop is called, and the group is over when every run and
+// stop has returned.
 type group struct {
 	log *slog.Logger
 
 	mu       sync.Mutex
+	idle     *sync.Cond // signalled when active drops to 0
 	entries  []entry
 	started  bool
 	stopCtx  context.Context // set by beginStop: a run returning is now the drain
+	over     bool            // wait returned: a late Add is ignored
+	active   int             // runs and stops still running
 	err      error           // the first run's error before stopping
 	stopErrs []error
-	runs     sync.WaitGroup // every run and every stop
 	exitOnce sync.Once
 	exited   chan struct{} // closed when the first run returns
 }
 
 func newGroup(log *slog.Logger) *group {
-	return &group{log: log, exited: make(chan struct{})}
+	g := &group{log: log, exited: make(chan struct{})}
+	g.idle = sync.NewCond(&g.mu)
+	return g
 }
 
+// add registers e. Once started it runs at once, and once the drain has
+// begun it is stopped at once too. After wait has returned it is ignored.
 func (g *group) add(e entry) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if g.over {
+		g.log.Warn("server added after Run returned; ignored")
+		return
+	}
 	g.entries = append(g.entries, e)
 	if !g.started {
 		return
 	}
 	g.startLocked(e)
 	if g.stopCtx != nil {
-		g.stopLocked(e)
+		g.goLocked(func() { g.stopOne(e) })
 	}
 }
 
@@ -475,10 +495,23 @@ func (g *group) start() {
 	}
 }
 
-func (g *group) startLocked(e entry) {
-	g.runs.Add(1)
+// goLocked runs f in a goroutine the group waits for.
+func (g *group) goLocked(f func()) {
+	g.active++
 	go func() {
-		defer g.runs.Done()
+		defer func() {
+			g.mu.Lock()
+			if g.active--; g.active == 0 {
+				g.idle.Broadcast()
+			}
+			g.mu.Unlock()
+		}()
+		f()
+	}()
+}
+
+func (g *group) startLocked(e entry) {
+	g.goLocked(func() {
 		err := e.run()
 		g.mu.Lock()
 		if err != nil && g.stopCtx == nil && g.err == nil {
@@ -486,46 +519,49 @@ func (g *group) startLocked(e entry) {
 		}
 		g.mu.Unlock()
 		g.exitOnce.Do(func() { close(g.exited) })
-	}()
+	})
 }
 
-func (g *group) stopLocked(e entry) {
+func (g *group) stopOne(e entry) {
+	g.mu.Lock()
 	ctx := g.stopCtx
-	g.runs.Add(1)
-	go func() {
-		defer g.runs.Done()
-		if err := e.stop(ctx); err != nil {
-			g.mu.Lock()
-			g.stopErrs = append(g.stopErrs, err)
-			g.mu.Unlock()
-		}
-	}()
+	g.mu.Unlock()
+	if err := e.stop(ctx); err != nil {
+		g.mu.Lock()
+		g.stopErrs = append(g.stopErrs, err)
+		g.mu.Unlock()
+	}
 }
 
 // beginStop marks the start of the drain (from now on a run returning is
-// the drain, not a failure), runs first, then calls every stop, each in its
-// own goroutine, with the drain's context. Call it once.
+// the drain, not a failure), runs first, then calls the stop of every pair
+// registered so far, each in its own goroutine, with the drain's context;
+// a pair added meanwhile is stopped by add. Call it once.
 func (g *group) beginStop(ctx context.Context, first func()) {
 	g.mu.Lock()
 	g.stopCtx = ctx
+	var entries []entry
+	if g.started {
+		entries = append(entries, g.entries...)
+	}
 	g.mu.Unlock()
 	first()
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if !g.started {
-		return
-	}
-	for _, e := range g.entries {
-		g.stopLocked(e)
+	for _, e := range entries {
+		g.goLocked(func() { g.stopOne(e) })
 	}
 }
 
 // wait waits for every run and stop to return, and returns the stops'
 // errors.
 func (g *group) wait() error {
-	g.runs.Wait()
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	for g.active > 0 {
+		g.idle.Wait()
+	}
+	g.over = true
 	return errors.Join(g.stopErrs...)
 }
 

@@ -124,7 +124,10 @@ func helperMain() int {
 	}
 	switch mode {
 	case modeCheckFail:
-		p.Health().AddCheck("database", func(context.Context) error { return errors.New("database unreachable") })
+		p.Health().AddCheck("database", func(context.Context) error {
+			ev.add(evChecking)
+			return errors.New("database unreachable")
+		})
 	case modeSlowReady:
 		start := time.Now()
 		p.Health().AddCheck("warm-up", func(context.Context) error {
@@ -203,6 +206,7 @@ const (
 	evSlowStarted  = "slow-started"  // a /slow handler began
 	evPanicWaiting = "panic-waiting" // a /panic handler waits for the drain
 	evPanicking    = "panicking"     // a panic "as told" comes next
+	evChecking     = "checking"      // a pre-ready check that fails (mode checkfail) ran
 )
 
 // eventLog appends events; a nil *eventLog drops them.

@@ -26,6 +26,7 @@ func (p *Process) ServeConns(ln net.Listener, handle func(ctx context.Context, c
 		panic("graceful: ServeConns with nil handle")
 	}
 	t := newTracker(ln.Addr().String())
+	t.raw = true
 	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{})}
 	p.addListener(ln, s.ln)
 	// Connections the parent hands over with HandOff.
@@ -46,19 +47,26 @@ func (p *Process) ServeConns(ln net.Listener, handle func(ctx context.Context, c
 // without descriptor passing) or sending fails.
 func (p *Process) HandOff(c net.Conn) error {
 	tc, ok := c.(*trackedConn)
-	if !ok {
+	if !ok || !tc.t.raw {
 		return errors.New("graceful: HandOff: not a connection from ServeConns")
 	}
 	if !p.canHandOff() {
 		return errors.New("graceful: HandOff: no new process to hand the connection to")
 	}
-	if err := p.toSuccessor.send(tc.t.key, tc.Conn); err != nil {
+	if !tc.beginHandOff() {
+		return fmt.Errorf("graceful: HandOff: connection already %v", tc.state())
+	}
+	err := p.toSuccessor.send(tc.t.key, tc.Conn)
+	if err != nil {
+		tc.to(connHanding, connSeen)
+	} else {
+		tc.to(connHanding, connHanded)
+		tc.t.handed.Add(1)
+	}
+	close(tc.handDone)
+	if err != nil {
 		return fmt.Errorf("graceful: HandOff: %w", err)
 	}
-	if !tc.to(connFresh, connHanded) {
-		tc.to(connSeen, connHanded)
-	}
-	tc.t.handed.Add(1)
 	return nil
 }
 
@@ -68,8 +76,9 @@ type connServer struct {
 	t      *tracker
 	handle func(context.Context, net.Conn)
 
-	handlers sync.WaitGroup   // every handler
-	stopping chan struct{}    // closed by stop
+	handlers sync.WaitGroup // every handler
+	stopping chan struct{}  // closed by stop
+	stopOnce sync.Once
 	inbox    *inbox           // connections handed over by the parent
 	inboxLn  *trackedListener // inbox, tracked
 	received chan struct{}    // closed when inbox is done accepting
@@ -127,7 +136,7 @@ func (s *connServer) accept(ln *trackedListener) error {
 }
 
 func (s *connServer) stop(ctx context.Context) error {
-	close(s.stopping)
+	s.stopOnce.Do(func() { close(s.stopping) })
 	s.ln.Close()
 	defer func() {
 		if n := s.t.handed.Load(); n > 0 {

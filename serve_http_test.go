@@ -1,11 +1,16 @@
 package graceful
 
 import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // TestDecideDrain tables the per-connection rule of the keep-alive
@@ -45,4 +50,73 @@ func TestDecideDrain(t *testing.T) {
 		assert.Equal(t, c.want, got, c.name)
 		assert.Equal(t, c.at, at, c.name)
 	}
+}
+
+// A client pipelines its next request while the current one is served and
+// the drain with a successor begins: net/http's background read holds the
+// next request's first byte when the response goes out. That request is
+// served here, whole; the connection is passed on only after, with nothing
+// of it left behind. (Before the held flag, the successor got the socket
+// without that byte and answered 400 to "ET /2 ...".)
+func TestPipelinedRequestAtHandOff(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	tr := newTracker(ln.Addr().String())
+	backgroundRead := make(chan struct{})
+	tr.testAfterRead = func(b []byte) {
+		if len(b) == 1 {
+			select {
+			case <-backgroundRead:
+			default:
+				close(backgroundRead)
+			}
+		}
+	}
+	passed := make(chan string, 1)
+	active := make(chan struct{}, 1)
+	srv := &http.Server{
+		ConnState: func(c net.Conn, s http.ConnState) {
+			tr.setHTTPState(c, s)
+			if s == http.StateActive {
+				select {
+				case active <- struct{}{}:
+				default:
+				}
+			}
+		},
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/1" {
+				<-backgroundRead // the next request's first byte is in net/http
+				tr.setSend(func(c net.Conn) error {
+					// What the successor would read: whatever is left.
+					c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+					b, _ := io.ReadAll(c)
+					passed <- string(b)
+					return nil
+				})
+			}
+			fmt.Fprint(w, "served here: ", r.URL.Path)
+		}),
+	}
+	go srv.Serve(&trackedListener{Listener: ln, t: tr})
+	defer srv.Close()
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	_, err = io.WriteString(c, "GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+	require.NoError(t, err)
+	<-active // sent once request 1 is in its handler: net/http's background read, not its request reader, takes the first byte
+	_, err = io.WriteString(c, "GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+	require.NoError(t, err)
+	r := bufio.NewReader(c)
+	for _, want := range []string{"served here: /1", "served here: /2"} {
+		resp, err := http.ReadResponse(r, nil)
+		require.NoError(t, err, want)
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		assert.Equal(t, want, string(b))
+	}
+	assert.Equal(t, "", <-passed, "passed on after request 2, with nothing of it")
 }

@@ -12,13 +12,29 @@ import (
 // child, passes it every listener, and blocks until the child is ready (nil),
 // exits, or misses [Options.UpgradeTimeout] (an error naming the cause; the
 // child is killed). On failure this process carries on serving unchanged. On
-// success the process enters [PhaseHandingOver] and [Process.Run] drains and
+// success the process enters [PhaseHandingOver] (or, if a drain signal came
+// first, goes on draining without hand-off) and [Process.Run] drains and
 // returns. It returns at once [ErrUpgradeInProgress] while another attempt
 // runs or the previous generation still drains, [ErrNotReady] before the
 // process is ready, and [ErrDraining] once it is on its way out. ctx bounds
 // only the wait: the attempt itself is bounded by UpgradeTimeout and still
 // counts as in progress until it ends.
 func (p *Process) Upgrade(ctx context.Context) error {
+	// Counted before the phase moves, so that Run, which waits for every
+	// attempt before it returns, cannot miss this one.
+	p.mu.Lock()
+	if p.attemptsOver {
+		p.mu.Unlock()
+		return ErrDraining
+	}
+	p.attempts.Add(1)
+	p.mu.Unlock()
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			p.attempts.Done()
+		}
+	}()
 	if !p.life.move(PhaseServing, PhaseUpgrading) {
 		switch ph := p.life.get(); {
 		case ph == PhaseUpgrading:
@@ -35,11 +51,14 @@ func (p *Process) Upgrade(ctx context.Context) error {
 		p.life.move(PhaseUpgrading, PhaseServing)
 		return err
 	}
+	if p.life.get() != PhaseUpgrading {
+		return ErrDraining // a drain began while we waited for the parent
+	}
 	start := time.Now()
 	p.log.Info("upgrade starting")
 	p.notify("RELOADING=1", monotonicUsec(), status("upgrading: starting a new process"))
 	result := make(chan error, 1)
-	p.attempts.Add(1)
+	handedOver = true
 	go func() {
 		defer p.attempts.Done()
 		result <- p.finishUpgrade(start, p.upgrade())
