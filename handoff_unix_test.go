@@ -13,17 +13,30 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// handoffPair returns both ends of a hand-off channel, closed when the test
+// ends.
+func handoffPair(t *testing.T) (*handoff, *handoff) {
+	t.Helper()
+	log := slog.New(slog.DiscardHandler)
+	a, theirs, err := newHandoffPair(log)
+	require.NoError(t, err)
+	defer theirs.Close()
+	b, err := handoffFromFile(theirs, log)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		a.close()
+		b.close()
+	})
+	return a, b
+}
+
 // TestHandoffBothWays passes a connection, with the bytes its client has
 // already sent, from one end of a hand-off channel to the other and back:
 // old to new as at an upgrade, new to old as the way back needs. When one
 // end closes, the other's receive loop ends and its inboxes finish.
 func TestHandoffBothWays(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
-	a, theirs, err := newHandoffPair(log)
-	require.NoError(t, err)
-	b, err := handoffFromFile(theirs, log)
-	theirs.Close()
-	require.NoError(t, err)
+	a, b := handoffPair(t)
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)

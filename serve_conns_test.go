@@ -3,7 +3,6 @@
 package graceful
 
 import (
-	"log/slog"
 	"net"
 	"testing"
 	"time"
@@ -15,14 +14,7 @@ import (
 // HandOff takes only ServeConns connections, and passes each once: a
 // second call is refused and the successor gets one descriptor.
 func TestHandOffOnce(t *testing.T) {
-	log := slog.New(slog.DiscardHandler)
-	ours, theirs, err := newHandoffPair(log)
-	require.NoError(t, err)
-	defer ours.close()
-	peer, err := handoffFromFile(theirs, log)
-	theirs.Close()
-	require.NoError(t, err)
-	defer peer.close()
+	ours, peer := handoffPair(t)
 	p := &Process{life: newLifecycle(), toSuccessor: ours}
 	p.life.phase.Store(int32(PhaseHandingOver))
 

@@ -3,6 +3,7 @@
 package graceful
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -145,6 +146,13 @@ func tableflipProbe(dir string) int {
 	tmp := report + ".tmp"
 	if err := os.WriteFile(tmp, []byte(b.String()), 0o644); err != nil || os.Rename(tmp, report) != nil {
 		return 1
+	}
+	if upg != nil {
+		// Outlive the parent: a child that exits right after Ready can make
+		// the parent's Upgrade report "exited" instead of success.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		upg.WaitForParent(ctx)
 	}
 	return 0
 }

@@ -314,7 +314,7 @@ func drain10k(b *testing.B, srv *loadtest.Server, idle, sockets int, handoff boo
 	var wg sync.WaitGroup
 	opened := make(chan struct{}, idle+sockets)
 	upgraded := make(chan struct{}) // closed after the upgrade
-	var newPID atomic.Int64
+	var newPID, handed atomic.Int64
 	sem := make(chan struct{}, 200) // concurrent dials
 	get := func(c net.Conn, r *bufio.Reader) (*http.Response, error) {
 		if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
@@ -359,6 +359,8 @@ func drain10k(b *testing.B, srv *loadtest.Server, idle, sockets int, handoff boo
 				fail(fmt.Errorf("handed-off connection: %v", err))
 			case resp.Header.Get("X-Pid") != strconv.FormatInt(newPID.Load(), 10):
 				fail(fmt.Errorf("handed-off connection served by pid %s", resp.Header.Get("X-Pid")))
+			default:
+				handed.Add(1) // the same connection, answered by the new process
 			}
 		}()
 	}
@@ -404,7 +406,7 @@ func drain10k(b *testing.B, srv *loadtest.Server, idle, sockets int, handoff boo
 	b.ReportMetric(float64(peak)/1024, "old-peak-RSS-MiB")
 	b.ReportMetric(float64(errs.Load()), "client-errors")
 	if handoff {
-		b.ReportMetric(float64(handedOff(b, srv)), "handed")
+		b.ReportMetric(float64(handed.Load()), "handed")
 	}
 	if errs.Load() > 0 {
 		b.Logf("first client error: %v", sample.Load())
@@ -427,14 +429,14 @@ func BenchmarkStrictIdleClients(b *testing.B) {
 					args = []string{"-no-handoff"}
 				}
 				srv := startReference(b, args, false)
-				var requests, failed atomic.Int64
+				var requests, failed, handed atomic.Int64
 				stop := make(chan struct{})
 				var wg sync.WaitGroup
 				for range clients {
 					wg.Add(1)
 					go func() {
 						defer wg.Done()
-						strictClient(srv.Addr, stop, &requests, &failed)
+						strictClient(srv.Addr, stop, &requests, &failed, &handed)
 					}()
 				}
 				var exits time.Duration
@@ -452,17 +454,20 @@ func BenchmarkStrictIdleClients(b *testing.B) {
 				b.ReportMetric(float64(requests.Load()), "requests")
 				b.ReportMetric(float64(failed.Load()), "failed")
 				b.ReportMetric(float64(exits.Milliseconds())/upgrades, "ms-to-old-exit")
-				b.ReportMetric(float64(handedOff(b, srv))/upgrades, "handed/upgrade")
+				b.ReportMetric(float64(handed.Load())/upgrades, "handed/upgrade")
 			}
 		})
 	}
 }
 
 // strictClient sends GET / on one connection, pausing 1.2-3 s between
-// requests, never checking or retrying; after a failure it reconnects.
-func strictClient(addr string, stop <-chan struct{}, requests, failed *atomic.Int64) {
+// requests, never checking or retrying; after a failure it reconnects. A
+// response on the same connection from another PID than the previous one
+// counts as a hand-off.
+func strictClient(addr string, stop <-chan struct{}, requests, failed, handed *atomic.Int64) {
 	var c net.Conn
 	var r *bufio.Reader
+	var lastPID string // of the previous response on c
 	defer func() {
 		if c != nil {
 			c.Close()
@@ -476,6 +481,7 @@ func strictClient(addr string, stop <-chan struct{}, requests, failed *atomic.In
 				return
 			}
 			r = bufio.NewReader(c)
+			lastPID = ""
 		}
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		_, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n")
@@ -486,6 +492,12 @@ func strictClient(addr string, stop <-chan struct{}, requests, failed *atomic.In
 		if err == nil {
 			_, err = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
+		}
+		if err == nil {
+			if pid := resp.Header.Get("X-Pid"); lastPID != "" && pid != lastPID {
+				handed.Add(1)
+			}
+			lastPID = resp.Header.Get("X-Pid")
 		}
 		requests.Add(1)
 		if err != nil || resp.Close {
@@ -501,25 +513,6 @@ func strictClient(addr string, stop <-chan struct{}, requests, failed *atomic.In
 		case <-time.After(1200*time.Millisecond + time.Duration(rand.Int64N(int64(1800*time.Millisecond)))):
 		}
 	}
-}
-
-// handedOff sums the connections the server's generations report handing
-// over, from its log.
-func handedOff(b *testing.B, srv *loadtest.Server) int {
-	logs, err := os.ReadFile(filepath.Join(filepath.Dir(srv.PIDFile), "server.log"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	n := 0
-	for _, line := range strings.Split(string(logs), "\n") {
-		if strings.Contains(line, "idle connections handed to the new process") {
-			if _, v, ok := strings.Cut(line, "conns="); ok {
-				k, _ := strconv.Atoi(strings.Fields(v)[0])
-				n += k
-			}
-		}
-	}
-	return n
 }
 
 // BenchmarkHandover compares SIGHUP → new process ready (PID file written,
