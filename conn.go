@@ -1,7 +1,6 @@
 package graceful
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"io"
@@ -29,6 +28,7 @@ import (
 //	handing -> handed   the successor has the descriptor
 //	handing -> retired  sending failed: say goodbye instead
 //	fresh   -> retired  idle through IdleGrace: FIN, then a read-drain
+//	seen    -> retired  expired: during the drain, a request that has not arrived within its bound (a slowloris)
 //	retired -> done     the read-drain ended (peer closed, or the linger deadline)
 //	fresh, seen -> handing  ServeConns' HandOff, at a message boundary the handler vouches for
 //	handing -> seen     HandOff's send failed: the connection stays the handler's
@@ -93,7 +93,7 @@ func (s connState) String() string {
 // connTransitions is the table above; to consults it.
 var connTransitions = [...][]connState{
 	connFresh:   {connSeen, connClaimed, connRetired, connHanding},
-	connSeen:    {connFresh, connHanding},
+	connSeen:    {connFresh, connHanding, connRetired},
 	connClaimed: {connSeen, connHanding},
 	connHanding: {connHanded, connRetired, connSeen},
 	connRetired: {connDone},
@@ -124,14 +124,16 @@ type tracker struct {
 	conns      map[*trackedConn]struct{}
 	changed    chan struct{} // closed on the next change; nil while nobody waits
 	drainStart time.Time
+	draining   atomic.Bool // from startDrain on, Read notes when a request began
 	// send, set during a drain with a successor, passes a claimed
 	// connection on. handed and kept count what it passed and what it
 	// could not pass (those were retired instead).
-	send   func(net.Conn) error
-	handed atomic.Int64
-	kept   atomic.Int64
-	key    string // the listener's address: where the successor serves what it receives
-	raw    bool   // ServeConns: its connections may be passed on with HandOff
+	send    func(net.Conn) error
+	handed  atomic.Int64
+	kept    atomic.Int64
+	expired atomic.Int64 // requests that did not arrive within the drain's bound
+	key     string       // the listener's address: where the successor serves what it receives
+	raw     bool         // ServeConns: its connections may be passed on with HandOff
 
 	// testAfterRead, set only by tests, runs between a Read's return from
 	// the socket with bytes and its state change, to order a claim against
@@ -259,6 +261,7 @@ func (t *tracker) startDrain() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.drainStart = time.Now()
+	t.draining.Store(true)
 	for c := range t.conns {
 		c.preDrain = c.http == http.StateActive && !c.h2.Load()
 	}
@@ -321,10 +324,16 @@ func (l *trackedListener) Close() error {
 // it: net/http, a handler that hijacked it, or the drain.
 type trackedConn struct {
 	net.Conn
-	t       *tracker
-	word    atomic.Int32 // a connState | flagBits
-	h2      atomic.Bool  // HTTP/2: drained by GOAWAY, never retired or claimed
-	readAny atomic.Bool
+	t      *tracker
+	word   atomic.Int32 // a connState | flagBits
+	h2     atomic.Bool  // HTTP/2: drained by GOAWAY, never retired or claimed
+	seenAt atomic.Int64 // during the drain: when the request being read began (UnixNano)
+
+	// The first bytes the peer sent, however they were split, to recognise
+	// HTTP/2 with prior knowledge (h2c). Only the reading goroutine uses
+	// them.
+	preface  [4]byte
+	nPreface int
 
 	// Guarded by t.mu.
 	http     http.ConnState
@@ -418,18 +427,21 @@ func (c *trackedConn) Read(b []byte) (int, error) {
 		if len(b) == 1 {
 			c.setFlag(heldBit, true) // net/http's background read: invariant 1
 		}
-		if !c.readAny.Load() {
-			c.readAny.Store(true)
-			if bytes.HasPrefix(b[:n], []byte("PRI ")) {
+		if c.nPreface < len(c.preface) {
+			c.nPreface += copy(c.preface[c.nPreface:], b[:n])
+			if c.preface == [4]byte{'P', 'R', 'I', ' '} {
 				c.h2.Store(true) // HTTP/2 with prior knowledge (h2c)
 			}
 		}
-		if !c.to(connFresh, connSeen) && c.state() == connClaimed {
+		if c.to(connFresh, connSeen) {
+			c.requestBegins()
+		} else if c.state() == connClaimed {
 			// Invariant 2: bytes beat the claim. Cancel it and serve them
 			// here; undo the claim's deadline under the lock that set it.
 			c.t.mu.Lock()
 			if c.to(connClaimed, connSeen) {
 				c.Conn.SetReadDeadline(time.Time{})
+				c.requestBegins()
 			}
 			c.t.mu.Unlock()
 		}
@@ -448,6 +460,14 @@ func (c *trackedConn) Read(b []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// requestBegins notes, during the drain, when the request now arriving
+// began: one that has not arrived within the drain's bound is expired.
+func (c *trackedConn) requestBegins() {
+	if c.t.draining.Load() {
+		c.seenAt.Store(time.Now().UnixNano())
+	}
 }
 
 // Close closes the connection, except (invariant 3) that a claimed one is
@@ -576,8 +596,16 @@ func (c *trackedConn) handOff() {
 // then a read-drain that discards anything the peer still sends, so no
 // request starts and the close sends no RST. It does nothing, and returns
 // false, if bytes of a request arrived first.
-func (c *trackedConn) retire() bool {
-	if !c.to(connFresh, connRetired) {
+func (c *trackedConn) retire() bool { return c.retireFrom(connFresh) }
+
+// expire retires a connection whose request has been arriving for longer
+// than the drain allows (a client that sent part of a request and
+// stalled): it must not hold the drain to its deadline. It does nothing,
+// and returns false, if the connection is no longer seen.
+func (c *trackedConn) expire() bool { return c.retireFrom(connSeen) }
+
+func (c *trackedConn) retireFrom(from connState) bool {
+	if !c.to(from, connRetired) {
 		return false
 	}
 	c.t.mu.Lock()

@@ -60,7 +60,7 @@ func TestConnTransitions(t *testing.T) {
 			listed[[2]connState{connState(from), to}] = true
 		}
 	}
-	assert.Len(t, listed, 12, "the table in conn.go's comment has 12 transitions")
+	assert.Len(t, listed, 13, "the table in conn.go's comment has 13 transitions")
 	for from := connFresh; from <= connDone; from++ {
 		for to := connFresh; to <= connDone; to++ {
 			c := &trackedConn{}
@@ -287,4 +287,31 @@ func TestPipelinedByteHeldThroughResponse(t *testing.T) {
 	assert.Equal(t, connFresh, tc.state(), "after request 2's response nothing is held")
 	tc.t.setHTTPState(tc, http.StateIdle)
 	assert.Equal(t, connClaimed, tc.state(), "claimed at its next idle moment")
+}
+
+// An h2c preface is recognised however it is split across reads.
+func TestH2CPrefaceSplit(t *testing.T) {
+	for _, split := range []int{1, 2, 3, 4, 10} {
+		client, server := tcpPair(t)
+		tc := idleConn(t, server, nil)
+		preface := []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+		for _, part := range [][]byte{preface[:split], preface[split:]} {
+			_, err := client.Write(part)
+			require.NoError(t, err)
+			_, err = io.ReadFull(tc, make([]byte, len(part)))
+			require.NoError(t, err)
+		}
+		assert.True(t, tc.h2.Load(), "split after %d bytes", split)
+	}
+	client, server := tcpPair(t)
+	tc := idleConn(t, server, nil)
+	_, err := client.Write([]byte("PR"))
+	require.NoError(t, err)
+	_, err = io.ReadFull(tc, make([]byte, 2))
+	require.NoError(t, err)
+	_, err = client.Write([]byte("OPFIND / HTTP/1.1\r\n"))
+	require.NoError(t, err)
+	_, err = io.ReadFull(tc, make([]byte, 4))
+	require.NoError(t, err)
+	assert.False(t, tc.h2.Load(), "HTTP/1 PROPFIND is not HTTP/2")
 }

@@ -36,12 +36,20 @@ const (
 // listenControl opens the control socket (inherited across upgrades like
 // any listener) and serves it like a ServeConns server: one-line requests,
 // answered only to a peer with this process's user ID.
+//
+// Every generation checks the file at path: a socket whose mode is not
+// 0600 (a fresh bind) is given 0600 without following a link
+// ([chmodSocket]). Anything but a socket there (a symbolic link put in its
+// place by whoever can write to the directory, or nothing) is an error: the
+// path no longer leads to the socket, and New fails, so in a new process
+// the upgrade fails and the old process serves on; a restart binds afresh
+// once the path is cleared.
 func (p *Process) listenControl(path string) error {
 	ln, err := p.listen("unix", path)
 	if err != nil {
 		return fmt.Errorf("graceful: control socket %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	if err := chmodSocket(path, 0o600); err != nil {
 		ln.Close()
 		return fmt.Errorf("graceful: control socket %s: %w", path, err)
 	}
@@ -97,6 +105,7 @@ func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 		log.Info("control socket: upgrade requested", "peer_pid", pid)
 		start := time.Now()
 		if err := p.Upgrade(context.Background()); err != nil {
+			p.logUpgradeFailure(err)
 			reply(false, err.Error())
 			return
 		}

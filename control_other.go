@@ -5,6 +5,7 @@ package graceful
 import (
 	"errors"
 	"net"
+	"os"
 )
 
 // Only Linux's SO_PEERCRED is used to check who talks to the control
@@ -13,4 +14,8 @@ const peerCredSupported = false
 
 func peerCred(net.Conn) (uid, pid int, err error) {
 	return 0, 0, errors.New("peer credentials are not available on this platform")
+}
+
+func chmodSocket(string, os.FileMode) error {
+	return errors.New("control sockets are not available on this platform")
 }

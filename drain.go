@@ -26,7 +26,22 @@ func (p *Process) beginDrain() {
 	p.mu.Lock()
 	p.drainCtx, p.drainCancel = ctx, cancel
 	p.mu.Unlock()
+	// Connections from the parent are received until it exits, or until
+	// our drain ends: its deadline bounds our drain whatever the parent
+	// does (a parent frozen mid-drain must not hold us).
+	context.AfterFunc(ctx, p.fromParent.close)
+	// Sends to the successor wait for it until the deadline (see setDeadline).
+	deadline, _ := ctx.Deadline()
+	p.toSuccessor.setDeadline(deadline)
 	p.group.beginStop(ctx, p.closeListeners)
+}
+
+// drainContext returns the drain's context (done at its deadline), or nil
+// before the drain.
+func (p *Process) drainContext() context.Context {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.drainCtx
 }
 
 // drain stops every registered server within DrainTimeout. The lifecycle

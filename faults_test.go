@@ -4,6 +4,7 @@ package graceful_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -418,4 +419,224 @@ func TestFaultSuccessorStoppedBeforeReady(t *testing.T) {
 	msg, err := control.Status(ctx, ctl)
 	require.NoError(t, err)
 	assert.Equal(t, "pid "+strconv.Itoa(old)+" serving", msg)
+}
+
+// TestFaultOldFrozenMidDrain freezes the old process (SIGSTOP) while it
+// drains a slow request, then stops the new one (SIGTERM): the new
+// process's drain is bounded by its own DrainTimeout whatever the old one
+// does (service managers size their stop timeouts on it), and it exits 0.
+// Resumed, the old one ends its own drain at its deadline and exits 0.
+func TestFaultOldFrozenMidDrain(t *testing.T) {
+	h := startHelper(t, []string{"-drain-timeout", "3s"}, loadtest.Config{})
+	old := h.PID()
+	slow := make(chan error, 1)
+	go func() {
+		c := &http.Client{Timeout: 30 * time.Second}
+		resp, err := c.Get("http://" + h.Addr + "/slow?ms=20000")
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		slow <- err
+	}()
+	h.waitEvent(old, evSlowStarted)
+	require.NoError(t, h.Signal(syscall.SIGHUP))
+	h.waitEvent(old, evDraining) // the successor is ready; old drains the slow request
+	h.Follow()
+	successor := h.PID()
+	require.NotEqual(t, old, successor)
+	require.NoError(t, syscall.Kill(old, syscall.SIGSTOP))
+	defer syscall.Kill(old, syscall.SIGCONT)
+
+	require.NoError(t, syscall.Kill(successor, syscall.SIGTERM))
+	// The successor is the frozen process's child: it cannot be waited for,
+	// but once it has exited it is a zombie. Its drain deadline is 3 s; 15 s
+	// is only where the test gives up.
+	for i := 0; loadtest.Alive(successor); i++ {
+		require.Less(t, i, 1500, "the new process's drain waited for its frozen parent")
+		time.Sleep(10 * time.Millisecond)
+	}
+	require.NoError(t, syscall.Kill(old, syscall.SIGCONT))
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	code, err := h.WaitExit(ctx, old)
+	require.NoError(t, err)
+	assert.Equal(t, 0, code)
+	assert.Error(t, <-slow, "the slow request outlived the old process's drain deadline")
+}
+
+// TestFaultSlowloris: keep-alive clients that send 1, 2 or 3 bytes of their
+// next request and stall (fewer than the 4 net/http waits for before its
+// header timer starts) must not hold the drain to its 60 s deadline, nor
+// refuse upgrades meanwhile: once the drain begins, a request has IdleGrace
+// (1 s; ReadHeaderTimeout when the server sets one) to arrive, then its
+// connection gets a FIN. Without a successor and at an upgrade.
+func TestFaultSlowloris(t *testing.T) {
+	for _, signal := range []syscall.Signal{syscall.SIGTERM, syscall.SIGHUP} {
+		t.Run(signal.String(), func(t *testing.T) {
+			h := startHelper(t, []string{"-drain-timeout", "60s"}, loadtest.Config{})
+			old := h.PID()
+			var stalled []*rawConn
+			for n := 1; n <= 3; n++ {
+				rc := dialRaw(t, h.Addr)
+				rc.send("/")
+				assert.Equal(t, http.StatusOK, rc.response().StatusCode)
+				_, err := io.WriteString(rc.c, "GET"[:n])
+				require.NoError(t, err)
+				stalled = append(stalled, rc)
+			}
+			require.NoError(t, h.Signal(signal))
+			// 60 s would be the drain deadline; 30 s is where the test gives up.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			code, err := h.WaitExit(ctx, old)
+			require.NoError(t, err, "the stalled requests held the drain")
+			assert.Equal(t, 0, code)
+			for i, rc := range stalled {
+				_, err := rc.r.ReadByte()
+				assert.ErrorIs(t, err, io.EOF, "stalled client %d: closed with a FIN", i+1)
+			}
+			if signal == syscall.SIGHUP {
+				h.Follow()
+				up := h.upgradeViaAPI()
+				assert.Empty(t, up.err, "the successor upgrades again once the old process is gone")
+				h.Follow()
+			}
+		})
+	}
+}
+
+// splitFirstWrite sends its first write in two parts, the first 2 bytes,
+// then the rest a moment later: an HTTP/2 client whose connection preface
+// reaches the server split.
+type splitFirstWrite struct {
+	net.Conn
+	done bool
+}
+
+func (c *splitFirstWrite) Write(b []byte) (int, error) {
+	if c.done || len(b) < 3 {
+		return c.Conn.Write(b)
+	}
+	c.done = true
+	n, err := c.Conn.Write(b[:2])
+	if err != nil {
+		return n, err
+	}
+	time.Sleep(50 * time.Millisecond) // the split itself, what this client does
+	m, err := c.Conn.Write(b[2:])
+	return n + m, err
+}
+
+// TestFaultH2CSplitPreface: an h2c (HTTP/2 prior knowledge) client whose
+// preface arrives split after 2 bytes is still recognised as HTTP/2: at an
+// upgrade its connection gets GOAWAY (it is not handed to the successor as
+// if it were HTTP/1, nor held to the drain deadline), and its next requests
+// succeed, on a new connection to the new process.
+func TestFaultH2CSplitPreface(t *testing.T) {
+	h := startHelper(t, []string{"-h2c", "-drain-timeout", "30s"}, loadtest.Config{})
+	old := h.PID()
+	tr := &http.Transport{
+		Protocols: new(http.Protocols),
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &splitFirstWrite{Conn: c}, nil
+		},
+	}
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Timeout: 10 * time.Second, Transport: tr}
+	get := func() (int, error) {
+		resp, err := c.Get("http://" + h.Addr + "/")
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		io.Copy(io.Discard, resp.Body)
+		if resp.ProtoMajor != 2 {
+			return 0, fmt.Errorf("served over %s", resp.Proto)
+		}
+		return strconv.Atoi(resp.Header.Get("X-Pid"))
+	}
+	pid, err := get()
+	require.NoError(t, err)
+	require.Equal(t, old, pid)
+
+	require.NoError(t, h.Signal(syscall.SIGHUP))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	code, err := h.WaitExit(ctx, old)
+	require.NoError(t, err, "the old process was held by the h2c connection")
+	assert.Equal(t, 0, code)
+	h.Follow()
+	for i := range 5 {
+		pid, err := get()
+		require.NoError(t, err, "request %d after the upgrade", i+1)
+		assert.Equal(t, h.PID(), pid)
+	}
+}
+
+// TestFaultSuccessorStallsAtHandOff: with 1,000 idle keep-alive connections,
+// the new process is frozen (SIGSTOP) for 2 s right after it became ready,
+// as a long GC pause or a starved CPU would. The old process's hand-off
+// waits for it (up to its drain deadline) instead of closing what does not
+// fit in the channel: every connection is handed over, and every client's
+// next request on its own connection is answered by the new process.
+func TestFaultSuccessorStallsAtHandOff(t *testing.T) {
+	const idle = 1000
+	h := startHelper(t, []string{"-drain-timeout", "20s"}, loadtest.Config{})
+	old := h.PID()
+	conns := make([]*rawConn, idle)
+	for i := range conns {
+		conns[i] = dialRaw(t, h.Addr)
+		conns[i].send("/")
+	}
+	for _, rc := range conns {
+		require.Equal(t, http.StatusOK, rc.response().StatusCode)
+	}
+	require.NoError(t, h.Signal(syscall.SIGHUP))
+	var successor int
+	for i := 0; successor == 0; i++ {
+		require.Less(t, i, 10000, "no new process became ready")
+		for _, pid := range h.pidsWith(evReady) {
+			if pid != old {
+				successor = pid
+			}
+		}
+		if successor == 0 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	require.NoError(t, syscall.Kill(successor, syscall.SIGSTOP))
+	time.Sleep(2 * time.Second) // the stall itself
+	require.NoError(t, syscall.Kill(successor, syscall.SIGCONT))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	code, err := h.WaitExit(ctx, old)
+	require.NoError(t, err)
+	assert.Equal(t, 0, code)
+	failed, fromOld := 0, 0
+	for _, rc := range conns {
+		if _, err := io.WriteString(rc.c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n"); err != nil {
+			failed++
+			continue
+		}
+		resp, err := http.ReadResponse(rc.r, nil)
+		if err != nil {
+			failed++
+			continue
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.Header.Get("X-Pid") != strconv.Itoa(successor) {
+			fromOld++
+		}
+	}
+	assert.Zero(t, failed, "clients whose next request failed (of %d)", idle)
+	assert.Zero(t, fromOld, "answers not from the new process")
+	h.Follow()
 }

@@ -354,12 +354,10 @@ loop:
 			go func() {
 				defer p.attempts.Done()
 				p.log.Info("upgrade requested", "signal", sig.String())
-				if err := p.Upgrade(bgCtx); err != nil {
-					if p.Phase().ready() {
-						p.log.Error("upgrade failed; still serving", "err", err)
-					} else {
-						p.log.Error("upgrade failed", "err", err, "phase", p.Phase().String())
-					}
+				// Not bounded by Run's own lifetime: Run waits for every
+				// attempt, and the outcome logged must be the attempt's.
+				if err := p.Upgrade(context.Background()); err != nil {
+					p.logUpgradeFailure(err)
 				}
 			}()
 		case sig := <-drainSig:

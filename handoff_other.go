@@ -2,7 +2,10 @@
 
 package graceful
 
-import "net"
+import (
+	"net"
+	"time"
+)
 
 // handoff is never made where descriptors cannot be passed: a nil one
 // cannot hand off.
@@ -13,5 +16,7 @@ func (h *handoff) send(string, net.Conn) error { return errNoHandoff }
 func (h *handoff) receive(_ func(string, net.Conn), end func()) { end() }
 
 func (h *handoff) wait() {}
+
+func (h *handoff) setDeadline(time.Time) {}
 
 func (h *handoff) close() {}

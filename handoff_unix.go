@@ -13,10 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// handoffSendTimeout bounds one send: a peer that does not read is not
-// waited for, and the connection is retired instead.
-const handoffSendTimeout = time.Second
-
 // handoff is one end of a hand-off channel (see handoff.go).
 type handoff struct {
 	conn *net.UnixConn
@@ -78,7 +74,6 @@ func (h *handoff) send(key string, c net.Conn) error {
 	if err != nil {
 		return fmt.Errorf("hand-off: %w", err)
 	}
-	h.conn.SetWriteDeadline(time.Now().Add(handoffSendTimeout))
 	var werr error
 	if err := raw.Control(func(fd uintptr) {
 		_, _, werr = h.conn.WriteMsgUnix([]byte(key), unix.UnixRights(int(fd)), nil)
@@ -139,6 +134,16 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 func (h *handoff) wait() {
 	if h != nil && h.done != nil {
 		<-h.done
+	}
+}
+
+// setDeadline bounds every send from now on: a peer that does not read by
+// then is given up on, and the connection being sent is retired instead.
+// The drain sets its own deadline, so that a successor that stalls for less
+// (a long GC pause, a starved CPU) costs no connection.
+func (h *handoff) setDeadline(t time.Time) {
+	if h != nil {
+		h.conn.SetWriteDeadline(t)
 	}
 }
 

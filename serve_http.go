@@ -1,6 +1,7 @@
 package graceful
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"net"
@@ -98,10 +99,9 @@ func (s *httpServer) run() error {
 		defer func() {
 			<-received
 			// Connections the parent handed over late, during our own
-			// drain, are still being passed on: wait for them.
-			ctx, cancel := context.WithTimeout(context.Background(), s.p.opts.DrainTimeout)
-			defer cancel()
-			if isClosed(s.p.life.draining) && s.t.waitEmpty(ctx) != nil {
+			// drain, are still being passed on: wait for them, until the
+			// drain's deadline.
+			if ctx := s.p.drainContext(); ctx != nil && s.t.waitEmpty(ctx) != nil {
 				s.t.closeAll()
 			}
 		}()
@@ -127,10 +127,19 @@ func (s *httpServer) stop(ctx context.Context) error {
 		key := s.t.key
 		s.t.setSend(func(c net.Conn) error { return s.p.toSuccessor.send(key, c) })
 		defer func() {
-			log.Info("idle connections handed to the new process", "addr", key, "handed", s.t.handed.Load(), "not_handed", s.t.kept.Load())
+			if kept := s.t.kept.Load(); kept > 0 {
+				log.Warn("idle connections not handed to the new process: closed instead", "addr", key, "handed", s.t.handed.Load(), "not_handed", kept)
+			} else {
+				log.Info("idle connections handed to the new process", "addr", key, "handed", s.t.handed.Load())
+			}
 		}()
 	}
 	s.t.startDrain()
+	defer func() {
+		if n := s.t.expired.Load(); n > 0 {
+			log.Warn("drain: connections whose request did not arrive in time closed", "addr", s.t.key, "conns", n)
+		}
+	}()
 	if s.inbox != nil {
 		// Connections our parent still hands over must be in the tracker
 		// before Shutdown, which would answer them "Connection: close".
@@ -168,6 +177,7 @@ const (
 	drainWait                      // wait for its next state change
 	drainClaim                     // claim it for the successor
 	drainRetire                    // retire it at the returned time (now if past)
+	drainExpire                    // its request has not arrived: expire it at the returned time (now if past)
 )
 
 // connView is what decideDrain needs to know of a connection.
@@ -177,13 +187,15 @@ type connView struct {
 	h2       bool
 	tls      bool
 	preDrain bool
-	since    time.Time
+	since    time.Time // accepted, or last went idle
+	seenAt   time.Time // during the drain: when the request arriving began (zero: before the drain)
 }
 
 // decideDrain is the per-connection rule of retireKeepAlive, a pure function
 // of the connection's state: handoff says whether idle plain connections go
-// to a successor.
-func decideDrain(c connView, handoff bool, drainStart time.Time, grace time.Duration) (drainAction, time.Time) {
+// to a successor; grace is IdleGrace, and arrival bounds how long a request
+// that has begun to arrive may take to reach net/http.
+func decideDrain(c connView, handoff bool, drainStart time.Time, grace, arrival time.Duration) (drainAction, time.Time) {
 	switch {
 	case c.h2, c.state == connRetired, c.state == connDone, c.state == connHanding, c.state == connHanded:
 		return drainSkip, time.Time{}
@@ -207,9 +219,15 @@ func decideDrain(c connView, handoff bool, drainStart time.Time, grace time.Dura
 			// A request is arriving; without a successor it gets
 			// "Connection: close". Wait until net/http sees it
 			// (StateActive), or Shutdown would close the still idle-looking
-			// connection under it.
+			// connection under it; but not for longer than arrival: a
+			// client that sent part of a request and stalled must not hold
+			// the drain to its deadline.
 			if c.http == http.StateIdle || plainHandoff {
-				return drainWait, time.Time{}
+				began := c.seenAt
+				if began.Before(drainStart) {
+					began = drainStart
+				}
+				return drainExpire, began.Add(arrival)
 			}
 			return drainSkip, time.Time{}
 		}
@@ -237,6 +255,9 @@ func decideDrain(c connView, handoff bool, drainStart time.Time, grace time.Dura
 // nothing a client may reuse.
 func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 	grace := s.p.opts.IdleGrace
+	// How long a request that has begun to arrive may take: what net/http
+	// itself allows for headers, else IdleGrace.
+	arrival := cmp.Or(s.srv.ReadHeaderTimeout, s.srv.ReadTimeout, grace)
 	timer := time.NewTimer(grace)
 	defer timer.Stop()
 	for {
@@ -244,7 +265,7 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 		changed := s.t.changedLocked()
 		now := time.Now()
 		handoff := s.t.send != nil
-		var due []*trackedConn
+		var due, stalled []*trackedConn
 		var next time.Time
 		later := func(at time.Time) {
 			if next.IsZero() || at.Before(next) {
@@ -253,7 +274,10 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 		}
 		for c := range s.t.conns {
 			v := connView{state: c.state(), http: c.http, h2: c.h2.Load(), tls: c.tls != nil, preDrain: c.preDrain, since: c.since}
-			action, at := decideDrain(v, handoff, s.t.drainStart, grace)
+			if ns := c.seenAt.Load(); ns != 0 {
+				v.seenAt = time.Unix(0, ns)
+			}
+			action, at := decideDrain(v, handoff, s.t.drainStart, grace, arrival)
 			switch action {
 			case drainWait:
 				later(now.Add(grace))
@@ -268,13 +292,24 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 				} else {
 					due = append(due, c)
 				}
+			case drainExpire:
+				if at.After(now) {
+					later(at)
+				} else {
+					stalled = append(stalled, c)
+				}
 			}
 		}
 		s.t.mu.Unlock()
 		for _, c := range due {
 			c.retire()
 		}
-		if len(due) > 0 {
+		for _, c := range stalled {
+			if c.expire() {
+				s.t.expired.Add(1)
+			}
+		}
+		if len(due)+len(stalled) > 0 {
 			continue
 		}
 		if s.inbox != nil && s.inbox.pending() {

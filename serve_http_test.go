@@ -17,7 +17,7 @@ import (
 // retirement.
 func TestDecideDrain(t *testing.T) {
 	drainStart := time.Unix(1000, 0)
-	grace := time.Second
+	grace, arrival := time.Second, 5*time.Second
 	before, after := drainStart.Add(-time.Hour), drainStart.Add(300*time.Millisecond)
 	cases := []struct {
 		name    string
@@ -36,9 +36,10 @@ func TestDecideDrain(t *testing.T) {
 		{"active since the drain: answered with Connection: close", connView{http: http.StateActive}, false, drainSkip, time.Time{}},
 		{"active, plain, with successor: passed on when idle", connView{http: http.StateActive}, true, drainWait, time.Time{}},
 		{"active, TLS, with successor: answered with Connection: close", connView{http: http.StateActive, tls: true}, true, drainSkip, time.Time{}},
-		{"idle, request arriving", connView{state: connSeen, http: http.StateIdle}, false, drainWait, time.Time{}},
+		{"idle, request arriving since before the drain: bounded from the drain", connView{state: connSeen, http: http.StateIdle}, false, drainExpire, drainStart.Add(arrival)},
+		{"idle, request arriving since the drain: bounded from its first byte", connView{state: connSeen, http: http.StateIdle, seenAt: after}, false, drainExpire, after.Add(arrival)},
 		{"new, request arriving, no successor", connView{state: connSeen, http: http.StateNew}, false, drainSkip, time.Time{}},
-		{"new, request arriving, successor", connView{state: connSeen, http: http.StateNew}, true, drainWait, time.Time{}},
+		{"new, request arriving, successor", connView{state: connSeen, http: http.StateNew, seenAt: after}, true, drainExpire, after.Add(arrival)},
 		{"idle plain, successor: claim", connView{http: http.StateIdle}, true, drainClaim, time.Time{}},
 		{"idle TLS, successor: retire", connView{http: http.StateIdle, tls: true, since: before}, true, drainRetire, drainStart.Add(grace)},
 		{"idle since before the drain: grace from the drain", connView{http: http.StateIdle, since: before}, false, drainRetire, drainStart.Add(grace)},
@@ -46,7 +47,7 @@ func TestDecideDrain(t *testing.T) {
 		{"hijacked: waited for elsewhere", connView{http: http.StateHijacked}, false, drainSkip, time.Time{}},
 	}
 	for _, c := range cases {
-		got, at := decideDrain(c.c, c.handoff, drainStart, grace)
+		got, at := decideDrain(c.c, c.handoff, drainStart, grace, arrival)
 		assert.Equal(t, c.want, got, c.name)
 		assert.Equal(t, c.at, at, c.name)
 	}

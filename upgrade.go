@@ -2,6 +2,7 @@ package graceful
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -92,6 +93,21 @@ func (p *Process) finishUpgrade(start time.Time, err error) error {
 		p.notify("MAINPID="+strconv.Itoa(pid), "READY=1", status("upgraded to pid %d; pid %d draining", pid, os.Getpid()))
 	}
 	return nil
+}
+
+// logUpgradeFailure logs why an upgrade did not happen, saying "still
+// serving" only when it is true.
+func (p *Process) logUpgradeFailure(err error) {
+	switch ph := p.Phase(); {
+	case errors.Is(err, ErrUpgradeInProgress), errors.Is(err, ErrNotReady):
+		p.log.Warn("upgrade refused", "err", err, "phase", ph.String())
+	case errors.Is(err, ErrDraining):
+		p.log.Warn("upgrade refused: the process is draining", "err", err, "phase", ph.String())
+	case ph.ready():
+		p.log.Error("upgrade failed; still serving", "err", err)
+	default:
+		p.log.Error("upgrade abandoned: the process is draining", "err", err, "phase", ph.String())
+	}
 }
 
 // canHandOff reports whether connections can go to a successor now.

@@ -56,7 +56,7 @@ func (p *Process) initPlatform() error {
 	if err != nil {
 		return err
 	}
-	if err := checkParentPipes(); err != nil {
+	if err := checkParentPipes(p.opts.UpgradeTimeout); err != nil {
 		for _, a := range acts {
 			a.close()
 		}
@@ -207,8 +207,15 @@ func (p *Process) stopPlatform() {
 }
 
 // checkParentPipes refuses a stray or forged tableflip variable: tableflip
-// would read its parent's message from whatever its pipe descriptors are.
-func checkParentPipes() error {
+// would read its parent's message from whatever its pipe descriptors are,
+// and block forever on a pipe where nothing arrives. A real parent writes
+// the names of the descriptors it passes as soon as it has started us, so
+// they wait on descriptor 4 before New is called; checkParentPipes waits
+// for them at most wait. The caller passes Options.UpgradeTimeout: the
+// parent kills a child that is not ready within its own UpgradeTimeout,
+// which a new version normally shares, so waiting longer cannot help and a
+// shorter bound could refuse a real parent on an overloaded machine.
+func checkParentPipes(wait time.Duration) error {
 	if os.Getenv(tableflipSentinel) == "" {
 		return nil
 	}
@@ -218,5 +225,20 @@ func checkParentPipes() error {
 			return fmt.Errorf("graceful: %s is set but descriptor %d is not a pipe from a parent process; refusing to adopt descriptors (unset the variable)", tableflipSentinel, fd)
 		}
 	}
-	return nil
+	// Readable includes POLLHUP: on a closed pipe tableflip fails instead.
+	// Each poll lasts at most an hour, so its milliseconds fit any int.
+	deadline := time.Now().Add(wait)
+	for {
+		left := min(max(time.Until(deadline), 0), time.Hour)
+		n, err := unix.Poll([]unix.PollFd{{Fd: tableflipPipeRead, Events: unix.POLLIN}}, int((left + time.Millisecond - 1).Milliseconds()))
+		switch {
+		case err == nil && n > 0:
+			return nil
+		case err != nil && err != unix.EINTR:
+			return fmt.Errorf("graceful: %s is set; waiting for a parent process's message on descriptor %d: %w", tableflipSentinel, tableflipPipeRead, err)
+		case time.Now().Before(deadline):
+			continue // interrupted by a signal, or an hour passed
+		}
+		return fmt.Errorf("graceful: %s is set but no parent process sent the names of its descriptors on descriptor %d within %v; refusing to adopt descriptors (unset the variable)", tableflipSentinel, tableflipPipeRead, wait)
+	}
 }

@@ -122,7 +122,7 @@ func tableflipProbe(dir string) int {
 	}
 	var b strings.Builder
 	b.WriteString("marker: set\n")
-	if err := checkParentPipes(); err == nil {
+	if err := checkParentPipes(10 * time.Second); err == nil {
 		b.WriteString("pipes: ok\n")
 	} else {
 		fmt.Fprintf(&b, "pipes: %v\n", err)
