@@ -297,16 +297,17 @@ func (t *tracker) closeAll() int {
 // trackedListener adds every accepted connection to its tracker.
 type trackedListener struct {
 	net.Listener
-	t         *tracker
-	closed    atomic.Bool // we closed it: Accept's error is the drain, not a failure
-	closeOnce sync.Once
-	closeErr  error
+	t          *tracker
+	preTracked bool        // the listener's connections are tracked already (an inbox)
+	closed     atomic.Bool // we closed it: Accept's error is the drain, not a failure
+	closeOnce  sync.Once
+	closeErr   error
 }
 
 func (l *trackedListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
+	if err != nil || l.preTracked {
+		return c, err
 	}
 	return l.t.add(c), nil
 }

@@ -77,6 +77,43 @@ func (p *Process) drain(reason string) error {
 	return nil
 }
 
+// drainRequested prepares the drain that a drain signal, ctx or the parent
+// asked for. While an upgrade attempt runs, it first waits for the
+// outcome: the new process may already be accepting, and killing it would
+// drop what it accepted and leave the PID file naming a dead process. If
+// the new process became ready, this one drains into it, and the new one is
+// asked to drain too, so that the service stops as asked, losing nothing.
+// Otherwise the drain goes on as usual (DrainDelay first).
+func (p *Process) drainRequested(drainSig <-chan os.Signal) {
+	if p.settleAttempt(drainSig) {
+		if err := p.toSuccessor.requestDrain(); err != nil {
+			p.log.Error("cannot ask the new process to drain", "err", err)
+		}
+		return
+	}
+	p.delayDrain(drainSig)
+}
+
+// settleAttempt waits, while an upgrade attempt runs, for its outcome
+// (bounded by UpgradeTimeout), and reports whether the new process is
+// ready. A second drain signal stops the wait: the drain then cancels the
+// attempt.
+func (p *Process) settleAttempt(drainSig <-chan os.Signal) bool {
+	if p.life.get() == PhaseUpgrading {
+		p.log.Info("drain requested during an upgrade: waiting for its outcome")
+	}
+	for p.life.get() == PhaseUpgrading {
+		select {
+		case <-p.life.upgraded:
+		case <-p.attemptEnded:
+		case sig := <-drainSig:
+			p.log.Info("second drain signal: cancelling the upgrade", "signal", sig.String())
+			return false
+		}
+	}
+	return p.life.get() == PhaseHandingOver
+}
+
 // delayDrain enters Delaying for DrainDelay: readiness fails while the
 // process keeps serving, so that load balancers stop sending traffic before
 // the listener closes. A second drain signal, a successful upgrade or a

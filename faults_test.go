@@ -640,3 +640,111 @@ func TestFaultSuccessorStallsAtHandOff(t *testing.T) {
 	assert.Zero(t, fromOld, "answers not from the new process")
 	h.Follow()
 }
+
+// TestFaultStopDuringUpgrade sends SIGTERM to the old process while the new
+// one runs its pre-ready checks (1.5 s). The old one waits for the outcome
+// instead of killing a new process that may already accept: once it is
+// ready, the old one hands over its idle connections and asks it to drain
+// too. Both exit 0, the service stops as asked, the PID file is gone (it
+// never names a dead process), and an idle client gets a FIN from the new
+// process, not a reset.
+func TestFaultStopDuringUpgrade(t *testing.T) {
+	h := startHelper(t, []string{"-upgrade-timeout", "10s"}, loadtest.Config{})
+	old := h.PID()
+	idle := dialRaw(t, h.Addr)
+	idle.send("/")
+	require.Equal(t, http.StatusOK, idle.response().StatusCode)
+	h.setMode(modeSlowReady)
+	require.NoError(t, h.Signal(syscall.SIGHUP))
+	var successor int
+	for i := 0; successor == 0; i++ {
+		require.Less(t, i, 2000, "the new process never ran its checks")
+		for _, pid := range h.pidsWith(evChecking) {
+			if pid != old {
+				successor = pid
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	require.NoError(t, h.Signal(syscall.SIGTERM))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	code, err := h.WaitExit(ctx, old)
+	require.NoError(t, err)
+	assert.Equal(t, 0, code)
+	code, err = h.WaitExit(ctx, successor) // ours to wait for once its parent is gone
+	require.NoError(t, err, "the new process was not asked to drain")
+	assert.Equal(t, 0, code)
+	assert.Contains(t, h.pidsWith(evReady), successor, "the new process became ready: it was not killed")
+	_, err = os.Stat(h.PIDFile)
+	assert.ErrorIs(t, err, os.ErrNotExist, "the PID file names nobody once the service stopped")
+	_, err = idle.r.ReadByte()
+	assert.ErrorIs(t, err, io.EOF, "the idle connection was closed with a FIN")
+}
+
+// TestFaultSIGTERMRacesReady sends SIGTERM 0-12 ms after SIGHUP, 10 times,
+// while 4 clients send requests back to back on connections the server
+// accepted before: whatever the interleaving, both generations exit 0, no
+// process is left, the PID file does not name a dead process, and no
+// accepted connection is dropped: each client's last response says
+// "Connection: close", and nothing fails before it. (Connections still in
+// the listen queue when the last listener closes are reset by the kernel;
+// that is the service stopping, not a connection a server accepted.)
+func TestFaultSIGTERMRacesReady(t *testing.T) {
+	for i := range 10 {
+		h := startHelper(t, nil, loadtest.Config{})
+		old := h.PID()
+		const clients = 4
+		outcome := make(chan string, clients)
+		for range clients {
+			rc := dialRaw(t, h.Addr)
+			rc.send("/")
+			require.Equal(t, http.StatusOK, rc.response().StatusCode)
+			go func() {
+				last := strconv.Itoa(old)
+				for n := 1; ; n++ {
+					if _, err := io.WriteString(rc.c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n"); err != nil {
+						outcome <- fmt.Sprintf("request %d, write: %v (last answer from pid %s)", n, err, last)
+						return
+					}
+					resp, err := http.ReadResponse(rc.r, nil)
+					if err != nil {
+						outcome <- fmt.Sprintf("request %d, read: %v (last answer from pid %s)", n, err, last)
+						return
+					}
+					last = resp.Header.Get("X-Pid")
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.Close {
+						outcome <- "" // told to close: the server is done with it
+						return
+					}
+				}
+			}()
+		}
+		require.NoError(t, h.Signal(syscall.SIGHUP))
+		time.Sleep(time.Duration(i*12/9) * time.Millisecond) // the interleaving under test
+		require.NoError(t, h.Signal(syscall.SIGTERM))
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		code, err := h.WaitExit(ctx, old)
+		require.NoError(t, err)
+		assert.Equal(t, 0, code, "run %d: old process", i)
+		for _, pid := range h.pidsWith(evStarted) {
+			if pid == old {
+				continue
+			}
+			// A new process, ready or not, is ours once its parent is gone.
+			code, err := h.WaitExit(ctx, pid)
+			require.NoError(t, err, "run %d: the new process %d did not stop", i, pid)
+			assert.Equal(t, 0, code, "run %d: new process %d", i, pid)
+		}
+		cancel()
+		for range clients {
+			assert.Empty(t, <-outcome, "run %d: an accepted connection failed", i)
+		}
+		if pid := loadtest.ReadPIDFile(h.PIDFile); pid != 0 {
+			assert.True(t, loadtest.Alive(pid), "run %d: the PID file names dead process %d", i, pid)
+		}
+	}
+}

@@ -139,6 +139,9 @@ type Process struct {
 	goodbyeAt   bool // the drain started: new goodbyes are said at once
 
 	attempts     sync.WaitGroup // Upgrade attempts still running
+	attemptEnded chan struct{}  // receives after each attempt's outcome (buffered)
+	parentAsked  chan struct{}  // closed when the parent asks us to drain
+	askedOnce    sync.Once
 	attemptsOver bool           // Run has waited for them: no more (guarded by mu)
 	spreading    sync.WaitGroup // the goodbye spreading
 }
@@ -218,6 +221,9 @@ func New(opts Options) (*Process, error) {
 		group:     newGroup(logger),
 		goodbyes:  make(map[*func()]struct{}),
 		listeners: make(map[any]io.Closer),
+
+		attemptEnded: make(chan struct{}, 1),
+		parentAsked:  make(chan struct{}),
 	}
 	p.health = newHealth(p.life, opts.CheckTimeout, opts.CheckCache)
 	p.life.beforeDrain = p.beginDrain
@@ -225,6 +231,9 @@ func New(opts Options) (*Process, error) {
 	if err := p.initPlatform(); err != nil {
 		created.Store(false)
 		return nil, err
+	}
+	if p.fromParent != nil {
+		p.fromParent.drainRequested = func() { p.askedOnce.Do(func() { close(p.parentAsked) }) }
 	}
 	if opts.ControlSocket != "" {
 		if err := p.listenControl(opts.ControlSocket); err != nil {
@@ -362,11 +371,15 @@ loop:
 			}()
 		case sig := <-drainSig:
 			reason = "signal " + sig.String()
-			p.delayDrain(drainSig)
+			p.drainRequested(drainSig)
 			break loop
 		case <-ctx.Done():
 			reason = "context done"
-			p.delayDrain(drainSig)
+			p.drainRequested(drainSig)
+			break loop
+		case <-p.parentAsked:
+			reason = "the previous process was told to stop during the upgrade"
+			p.drainRequested(drainSig)
 			break loop
 		case <-p.life.upgraded:
 			reason = "upgraded"

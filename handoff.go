@@ -43,9 +43,10 @@ func newInboxes(log *slog.Logger) *inboxes {
 	return &inboxes{log: log, m: make(map[string]*inbox)}
 }
 
-// register returns the inbox of the server listening at addr.
-func (r *inboxes) register(addr net.Addr) *inbox {
-	in := &inbox{addr: addr, c: make(chan net.Conn, 64), done: make(chan struct{}), stopped: make(chan struct{})}
+// register returns the inbox of the server listening at addr, whose
+// connections t tracks.
+func (r *inboxes) register(addr net.Addr, t *tracker) *inbox {
+	in := &inbox{addr: addr, t: t, c: make(chan net.Conn, 64), done: make(chan struct{}), stopped: make(chan struct{})}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.m[addr.String()] = in
@@ -66,10 +67,14 @@ func (r *inboxes) deliver(key string, c net.Conn) {
 		c.Close()
 		return
 	}
+	// Tracked from now on, before its server accepts it: a drain that
+	// looks at the tracker must not miss a connection on its way to being
+	// served (net/http drops a request it reads after Shutdown began).
+	tc := in.t.add(c)
 	select {
-	case in.c <- c:
+	case in.c <- tc:
 	case <-in.stopped:
-		c.Close() // the server is gone (it failed): nobody can serve it
+		tc.Close() // the server is gone (it failed): nobody can serve it
 	}
 }
 
@@ -90,15 +95,16 @@ func (p *Process) registerInbox(ln net.Listener, t *tracker) (*inbox, *trackedLi
 	if p.fromParent == nil {
 		return nil, nil
 	}
-	in := p.inboxes.register(ln.Addr())
-	return in, &trackedListener{Listener: in, t: t}
+	in := p.inboxes.register(ln.Addr(), t)
+	return in, &trackedListener{Listener: in, t: t, preTracked: true}
 }
 
-// inbox is a listener of received connections. It keeps accepting through
+// inbox is a listener of received connections, already tracked. It keeps accepting through
 // our own drain (net/http's Close of it is ignored) until finish: a
 // connection that arrives late is served, or passed on, like any other.
 type inbox struct {
 	addr    net.Addr
+	t       *tracker
 	c       chan net.Conn
 	once    sync.Once
 	done    chan struct{} // finished: no more connections will arrive

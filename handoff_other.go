@@ -9,7 +9,7 @@ import (
 
 // handoff is never made where descriptors cannot be passed: a nil one
 // cannot hand off.
-type handoff struct{}
+type handoff struct{ drainRequested func() }
 
 func (h *handoff) send(string, net.Conn) error { return errNoHandoff }
 
@@ -18,5 +18,7 @@ func (h *handoff) receive(_ func(string, net.Conn), end func()) { end() }
 func (h *handoff) wait() {}
 
 func (h *handoff) setDeadline(time.Time) {}
+
+func (h *handoff) requestDrain() error { return errNoHandoff }
 
 func (h *handoff) close() {}

@@ -18,7 +18,15 @@ type handoff struct {
 	conn *net.UnixConn
 	log  *slog.Logger
 	done chan struct{} // the receive loop ended; nil until receive
+
+	// drainRequested, if set before receive, is called when the other end
+	// asks this process to drain (see requestDrain).
+	drainRequested func()
 }
+
+// drainRequest is the message, without descriptor, with which one end asks
+// the other to drain. No listener key starts with a NUL byte.
+const drainRequest = "\x00drain"
 
 // newHandoffPair makes a hand-off channel: ours, and the other end as a
 // file to pass to the other process. Both descriptors are close-on-exec;
@@ -105,6 +113,12 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 			if err != nil || n == 0 && oobn == 0 {
 				return // the other end is gone, or we close
 			}
+			if oobn == 0 {
+				if string(buf[:n]) == drainRequest && h.drainRequested != nil {
+					h.drainRequested()
+				}
+				continue
+			}
 			msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 			if err != nil {
 				h.log.Warn("connection hand-off: malformed message", "err", err)
@@ -135,6 +149,16 @@ func (h *handoff) wait() {
 	if h != nil && h.done != nil {
 		<-h.done
 	}
+}
+
+// requestDrain asks the other end to drain, as if it had received a drain
+// signal.
+func (h *handoff) requestDrain() error {
+	if h == nil {
+		return errNoHandoff
+	}
+	_, _, err := h.conn.WriteMsgUnix([]byte(drainRequest), nil, nil)
+	return err
 }
 
 // setDeadline bounds every send from now on: a peer that does not read by

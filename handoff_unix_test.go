@@ -42,7 +42,7 @@ func TestHandoffBothWays(t *testing.T) {
 	require.NoError(t, err)
 	defer ln.Close()
 	inA, inB := newInboxes(log), newInboxes(log)
-	boxA, boxB := inA.register(ln.Addr()), inB.register(ln.Addr())
+	boxA, boxB := inA.register(ln.Addr(), newTracker("a")), inB.register(ln.Addr(), newTracker("b"))
 	a.receive(inA.deliver, inA.finish)
 	b.receive(inB.deliver, inB.finish)
 

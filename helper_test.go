@@ -131,6 +131,7 @@ func helperMain() int {
 	case modeSlowReady:
 		start := time.Now()
 		p.Health().AddCheck("warm-up", func(context.Context) error {
+			ev.add(evChecking)
 			if time.Since(start) < 1500*time.Millisecond {
 				return errors.New("still warming up")
 			}
@@ -206,7 +207,7 @@ const (
 	evSlowStarted  = "slow-started"  // a /slow handler began
 	evPanicWaiting = "panic-waiting" // a /panic handler waits for the drain
 	evPanicking    = "panicking"     // a panic "as told" comes next
-	evChecking     = "checking"      // a pre-ready check that fails (mode checkfail) ran
+	evChecking     = "checking"      // a pre-ready check ran (modes checkfail, slowready)
 )
 
 // eventLog appends events; a nil *eventLog drops them.

@@ -218,18 +218,16 @@ func decideDrain(c connView, handoff bool, drainStart time.Time, grace, arrival 
 		if c.state != connFresh {
 			// A request is arriving; without a successor it gets
 			// "Connection: close". Wait until net/http sees it
-			// (StateActive), or Shutdown would close the still idle-looking
-			// connection under it; but not for longer than arrival: a
-			// client that sent part of a request and stalled must not hold
-			// the drain to its deadline.
-			if c.http == http.StateIdle || plainHandoff {
-				began := c.seenAt
-				if began.Before(drainStart) {
-					began = drainStart
-				}
-				return drainExpire, began.Add(arrival)
+			// (StateActive): Shutdown would close the still idle-looking
+			// connection under it, and net/http drops a request it reads
+			// once Shutdown has begun, even on a new connection. But not
+			// for longer than arrival: a client that sent part of a request
+			// and stalled must not hold the drain to its deadline.
+			began := c.seenAt
+			if began.Before(drainStart) {
+				began = drainStart
 			}
-			return drainSkip, time.Time{}
+			return drainExpire, began.Add(arrival)
 		}
 		if plainHandoff {
 			return drainClaim, time.Time{}

@@ -38,7 +38,7 @@ func TestDecideDrain(t *testing.T) {
 		{"active, TLS, with successor: answered with Connection: close", connView{http: http.StateActive, tls: true}, true, drainSkip, time.Time{}},
 		{"idle, request arriving since before the drain: bounded from the drain", connView{state: connSeen, http: http.StateIdle}, false, drainExpire, drainStart.Add(arrival)},
 		{"idle, request arriving since the drain: bounded from its first byte", connView{state: connSeen, http: http.StateIdle, seenAt: after}, false, drainExpire, after.Add(arrival)},
-		{"new, request arriving, no successor", connView{state: connSeen, http: http.StateNew}, false, drainSkip, time.Time{}},
+		{"new, request arriving, no successor: net/http would drop it after Shutdown", connView{state: connSeen, http: http.StateNew}, false, drainExpire, drainStart.Add(arrival)},
 		{"new, request arriving, successor", connView{state: connSeen, http: http.StateNew, seenAt: after}, true, drainExpire, after.Add(arrival)},
 		{"idle plain, successor: claim", connView{http: http.StateIdle}, true, drainClaim, time.Time{}},
 		{"idle TLS, successor: retire", connView{http: http.StateIdle, tls: true, since: before}, true, drainRetire, drainStart.Add(grace)},

@@ -75,9 +75,28 @@ func (p *Process) Upgrade(ctx context.Context) error {
 // finishUpgrade moves the lifecycle on after an attempt: to HandingOver on
 // success, back to Serving on failure (unless a drain began meanwhile).
 func (p *Process) finishUpgrade(start time.Time, err error) error {
+	defer func() {
+		select {
+		case p.attemptEnded <- struct{}{}:
+		default:
+		}
+	}()
 	if err != nil {
 		err = fmt.Errorf("graceful: upgrade: %w", err)
-		if p.life.move(PhaseUpgrading, PhaseServing) {
+		serving := p.life.move(PhaseUpgrading, PhaseServing)
+		// A new process that wrote the PID file and then failed (or was
+		// killed by our drain) is dead: the file names this process again,
+		// or, if this one is draining too, nothing.
+		if p.opts.PIDFile != "" && readPIDFile(p.opts.PIDFile) != os.Getpid() {
+			if serving {
+				if werr := writePIDFile(p.opts.PIDFile); werr != nil {
+					p.log.Error("restoring the PID file after a failed upgrade", "err", werr)
+				}
+			} else {
+				os.Remove(p.opts.PIDFile)
+			}
+		}
+		if serving {
 			p.notify("READY=1", status("upgrade failed, still serving (pid %d): %v", os.Getpid(), err))
 		}
 		return err

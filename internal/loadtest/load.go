@@ -116,11 +116,16 @@ func (s *Stats) streamEnd(graceful bool, why string) {
 	s.mu.Unlock()
 }
 
-// Classify names the class of a client error.
+// Classify names the class of a client error. A reset while connecting
+// counts as refused: the connection was still in the listen queue when the
+// last listener closed, and no server ever accepted it.
 func Classify(err error) string {
 	var ne net.Error
+	var op *net.OpError
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.As(err, &op) && op.Op == "dial" && errors.Is(err, syscall.ECONNRESET):
 		return "refused"
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
 		return "reset"
