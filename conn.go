@@ -286,12 +286,18 @@ func (t *tracker) waitEmpty(ctx context.Context) error {
 }
 
 // closeAll closes every tracked connection and returns how many it closed.
+// A connection being sent to the other process is left to its sender (the
+// send is bounded by the same deadline): the message being built uses its
+// descriptor number.
 func (t *tracker) closeAll() int {
-	conns := t.snapshot()
-	for _, c := range conns {
-		c.closeNow()
+	n := 0
+	for _, c := range t.snapshot() {
+		if c.state() != connHanding {
+			c.closeNow()
+			n++
+		}
 	}
-	return len(conns)
+	return n
 }
 
 // trackedListener adds every accepted connection to its tracker.

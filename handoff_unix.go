@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -18,6 +20,10 @@ type handoff struct {
 	conn *net.UnixConn
 	log  *slog.Logger
 	done chan struct{} // the receive loop ended; nil until receive
+
+	mu      sync.Mutex
+	queue   []*outgoing // waiting for a message
+	sending bool        // a sender is emptying queue
 
 	// drainRequested, if set before receive, is called when the other end
 	// asks this process to drain (see requestDrain).
@@ -68,8 +74,22 @@ func handoffFromFile(f *os.File, log *slog.Logger) (*handoff, error) {
 	return &handoff{conn: uc, log: log}, nil
 }
 
+// maxBatch is how many descriptors one message carries at most (the
+// kernel's SCM_MAX_FD is 253).
+const maxBatch = 253
+
+// outgoing is one connection waiting in send for the message that carries
+// it.
+type outgoing struct {
+	key  string
+	fd   int // valid while its sender waits: nothing closes the connection meanwhile
+	done chan error
+}
+
 // send passes c's descriptor, and the key of the listener that accepted it,
-// to the other end. Our descriptor stays ours to close.
+// to the other end, and returns once it is sent. Our descriptor stays ours
+// to close. Concurrent sends are batched, many descriptors to a message: the
+// first caller sends for everyone waiting, as a group commit does.
 func (h *handoff) send(key string, c net.Conn) error {
 	if h == nil {
 		return errNoHandoff
@@ -82,16 +102,48 @@ func (h *handoff) send(key string, c net.Conn) error {
 	if err != nil {
 		return fmt.Errorf("hand-off: %w", err)
 	}
-	var werr error
-	if err := raw.Control(func(fd uintptr) {
-		_, _, werr = h.conn.WriteMsgUnix([]byte(key), unix.UnixRights(int(fd)), nil)
-	}); err != nil {
+	out := &outgoing{key: key, fd: -1, done: make(chan error, 1)}
+	if err := raw.Control(func(fd uintptr) { out.fd = int(fd) }); err != nil {
 		return fmt.Errorf("hand-off: %w", err)
 	}
-	if werr != nil {
-		return fmt.Errorf("hand-off: %w", werr)
+	h.mu.Lock()
+	h.queue = append(h.queue, out)
+	if !h.sending {
+		h.sending = true
+		for len(h.queue) > 0 {
+			batch := h.queue[:min(len(h.queue), maxBatch)]
+			h.queue = h.queue[len(batch):]
+			h.mu.Unlock()
+			err := h.sendBatch(batch)
+			for _, o := range batch {
+				o.done <- err
+			}
+			h.mu.Lock()
+		}
+		h.sending = false
+		h.queue = nil
+	}
+	h.mu.Unlock()
+	if err := <-out.done; err != nil {
+		return fmt.Errorf("hand-off: %w", err)
 	}
 	return nil
+}
+
+// sendBatch sends one message: the keys, NUL-separated, and the descriptors
+// in the same order.
+func (h *handoff) sendBatch(batch []*outgoing) error {
+	var keys []byte
+	fds := make([]int, len(batch))
+	for i, o := range batch {
+		if i > 0 {
+			keys = append(keys, 0)
+		}
+		keys = append(keys, o.key...)
+		fds[i] = o.fd
+	}
+	_, _, err := h.conn.WriteMsgUnix(keys, unix.UnixRights(fds...), nil)
+	return err
 }
 
 // receive starts delivering the connections the other end sends, until it
@@ -107,7 +159,7 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 		defer close(h.done)
 		defer end()
 		defer h.conn.Close()
-		buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(4*4))
+		buf, oob := make([]byte, 64<<10), make([]byte, unix.CmsgSpace(4*maxBatch))
 		for {
 			n, oobn, _, _, err := h.conn.ReadMsgUnix(buf, oob)
 			if err != nil || n == 0 && oobn == 0 {
@@ -124,12 +176,19 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 				h.log.Warn("connection hand-off: malformed message", "err", err)
 				continue
 			}
+			keys := strings.Split(string(buf[:n]), "\x00")
+			i := 0
 			for _, m := range msgs {
 				fds, err := unix.ParseUnixRights(&m)
 				if err != nil {
 					continue
 				}
 				for _, fd := range fds {
+					key := ""
+					if i < len(keys) {
+						key = keys[i]
+					}
+					i++
 					f := os.NewFile(uintptr(fd), "handed-off")
 					c, err := net.FileConn(f)
 					f.Close()
@@ -137,7 +196,7 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 						h.log.Warn("connection hand-off: unusable descriptor", "err", err)
 						continue
 					}
-					deliver(string(buf[:n]), c)
+					deliver(key, c)
 				}
 			}
 		}

@@ -319,9 +319,24 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 		timer.Reset(time.Until(next))
 		select {
 		case <-changed:
+			// Thousands of connections change state at once when they are
+			// claimed: look again at most every rescanInterval, not at
+			// every change (each look is O(connections)).
+			if wait := rescanInterval - time.Since(now); wait > 0 {
+				timer.Reset(wait)
+				select {
+				case <-timer.C:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
 		case <-timer.C:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
 }
+
+// rescanInterval is the shortest time between two looks of retireKeepAlive
+// at every connection.
+const rescanInterval = time.Millisecond

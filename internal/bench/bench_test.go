@@ -25,6 +25,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -553,4 +554,129 @@ func BenchmarkHandover(b *testing.B) {
 		b.ReportMetric(float64(handover.Microseconds())/n/1000, "handover-ms")
 		b.ReportMetric(float64(handover)/float64(bare), "handover/bare")
 	}
+}
+
+// BenchmarkHandOffThroughput measures how fast idle keep-alive connections
+// are handed to the new process: n connections, each having made one
+// request, sit idle; the server is upgraded; the moment the new process is
+// ready (its PID file), every client sends its next request on its own
+// connection. It reports the hand-off time per connection (new process
+// ready → old process exit, which waits for the last hand-off, over n), the
+// longest wait of any client's next request, how many were answered by the
+// new process (a request that reaches the old one before its connection is
+// claimed is answered there, then the connection is handed), and checks
+// that none failed.
+//
+// In mode "quiet" the clients send their next request only once the old
+// process has exited, so the hand-off runs alone and µs/conn is its own
+// cost; in mode "busy" they send it the moment the new process is ready,
+// and ms-longest-wait is what a client waits at worst meanwhile.
+func BenchmarkHandOffThroughput(b *testing.B) {
+	for _, n := range []int{1000, 19000} {
+		for _, mode := range []string{"quiet", "busy"} {
+			b.Run(fmt.Sprintf("%d/%s", n, mode), func(b *testing.B) {
+				for range b.N {
+					handOffThroughput(b, n, mode == "busy")
+				}
+			})
+		}
+	}
+}
+
+func handOffThroughput(b *testing.B, n int, busy bool) {
+	srv := startReference(b, []string{"-drain-timeout", "60s"}, false)
+	type client struct {
+		c net.Conn
+		r *bufio.Reader
+	}
+	clients := make([]client, n)
+	for i := range clients {
+		c, err := net.Dial("tcp", srv.Addr)
+		if err != nil {
+			b.Fatalf("dial %d: %v", i, err)
+		}
+		defer c.Close()
+		clients[i] = client{c, bufio.NewReader(c)}
+		if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for _, cl := range clients {
+		resp, err := http.ReadResponse(cl.r, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	old := srv.PID()
+	start := time.Now()
+	if err := srv.Signal(syscall.SIGHUP); err != nil {
+		b.Fatal(err)
+	}
+	var newPID int
+	for newPID == 0 || newPID == old {
+		if time.Since(start) > time.Minute {
+			b.Fatal("no new process")
+		}
+		time.Sleep(time.Millisecond)
+		newPID = loadtest.ReadPIDFile(srv.PIDFile)
+	}
+	ready := time.Since(start)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var oldExit time.Duration
+	if !busy {
+		if _, err := srv.WaitExit(ctx, old); err != nil {
+			b.Fatal(err)
+		}
+		oldExit = time.Since(start)
+	}
+	var wg sync.WaitGroup
+	var longest atomic.Int64
+	var failed, byNew atomic.Int64
+	sent := time.Now()
+	for _, cl := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl.c.SetDeadline(time.Now().Add(time.Minute))
+			_, err := io.WriteString(cl.c, "GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+			var resp *http.Response
+			if err == nil {
+				resp, err = http.ReadResponse(cl.r, nil)
+			}
+			if err != nil {
+				failed.Add(1)
+				return
+			}
+			if resp.Header.Get("X-Pid") == strconv.Itoa(newPID) {
+				byNew.Add(1)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			for d := int64(time.Since(sent)); ; {
+				cur := longest.Load()
+				if d <= cur || longest.CompareAndSwap(cur, d) {
+					break
+				}
+			}
+		}()
+	}
+	if busy {
+		if _, err := srv.WaitExit(ctx, old); err != nil {
+			b.Fatal(err)
+		}
+		oldExit = time.Since(start)
+	}
+	wg.Wait()
+	srv.Follow()
+	if failed.Load() > 0 {
+		b.Errorf("%d of %d next requests failed", failed.Load(), n)
+	}
+	b.ReportMetric(float64(byNew.Load()), "answered-by-new")
+	b.ReportMetric(float64((oldExit-ready).Microseconds())/float64(n), "µs/conn")
+	b.ReportMetric(float64(time.Duration(longest.Load()).Milliseconds()), "ms-longest-wait")
+	b.ReportMetric(float64(ready.Milliseconds()), "ms-to-ready")
+	b.ReportMetric(float64(oldExit.Milliseconds()), "ms-to-old-exit")
 }
