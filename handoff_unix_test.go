@@ -3,11 +3,16 @@
 package graceful
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -86,4 +91,48 @@ func TestHandoffBothWays(t *testing.T) {
 	assert.ErrorIs(t, err, net.ErrClosed, "the other end is gone: nothing more arrives")
 	var none *handoff
 	assert.ErrorIs(t, none.send("k", nil), errNoHandoff, "a nil handoff cannot hand off")
+}
+
+// Many concurrent sends are batched into messages of up to maxBatch
+// descriptors; each descriptor still arrives with its own listener key.
+func TestHandoffBatches(t *testing.T) {
+	const n = 2*maxBatch + 7
+	a, b := handoffPair(t)
+	type got struct {
+		key string
+		tag byte
+	}
+	received := make(chan got, n)
+	b.receive(func(key string, c net.Conn) {
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 1)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Error(err)
+		}
+		received <- got{key, buf[0]}
+	}, func() {})
+
+	var wg sync.WaitGroup
+	for i := range n {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		require.NoError(t, err)
+		ours, theirs := os.NewFile(uintptr(fds[0]), "ours"), os.NewFile(uintptr(fds[1]), "theirs")
+		c, err := net.FileConn(ours)
+		ours.Close()
+		require.NoError(t, err)
+		_, err = theirs.Write([]byte{byte(i)}) // waits in c's socket
+		theirs.Close()
+		require.NoError(t, err)
+		wg.Go(func() {
+			defer c.Close()
+			// The tag byte wraps at 256, a multiple of 4: i%4 survives it.
+			assert.NoError(t, a.send(fmt.Sprintf("listener-%d", i%4), c))
+		})
+	}
+	wg.Wait()
+	for range n {
+		g := <-received
+		assert.Equal(t, fmt.Sprintf("listener-%d", int(g.tag)%4), g.key, "descriptor %d arrived with the key it was sent with", g.tag)
+	}
 }
