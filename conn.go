@@ -39,7 +39,8 @@ import (
 // The invariants that make the hand-off and the retirement lossless:
 //
 //  1. "Nothing read since the response began": only a fresh connection may
-//     be claimed or retired. Write moves seen back to fresh when the
+//     be claimed or retired (a stalled request is expired instead, under
+//     invariant 5). Write moves seen back to fresh when the
 //     response starts, not when net/http reports the connection idle,
 //     because net/http's background read may take the first byte of the
 //     next request after the response began. And if that 1-byte read got
@@ -60,6 +61,10 @@ import (
 //  4. A retired connection is never reset: after the FIN, everything the
 //     peer still sends is read and discarded until it closes or the linger
 //     deadline passes; only then is the descriptor closed.
+//  5. "An expiry loses to a complete request": a request that has begun to
+//     arrive during the drain is expired (seen -> retired) only while
+//     net/http reports the connection idle or new and its reader is blocked
+//     in the socket waiting for more; see expireLocked.
 type connState int32
 
 const (
@@ -237,6 +242,11 @@ func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
 	tc.preDrain = false
 	if s == http.StateIdle {
 		tc.since = time.Now()
+		if tc.state() == connSeen && t.draining.Load() {
+			// A byte of the next request is already in (pipelining): its
+			// arrival is timed from now, when net/http starts reading it.
+			tc.seenAt.Store(tc.since.UnixNano())
+		}
 	}
 	if (s == http.StateIdle || s == http.StateNew) && t.send != nil {
 		// Claimed before net/http's next read, which then sees EOF. (A new
@@ -605,11 +615,31 @@ func (c *trackedConn) handOff() {
 // false, if bytes of a request arrived first.
 func (c *trackedConn) retire() bool { return c.retireFrom(connFresh) }
 
-// expire retires a connection whose request has been arriving for longer
-// than the drain allows (a client that sent part of a request and
-// stalled): it must not hold the drain to its deadline. It does nothing,
-// and returns false, if the connection is no longer seen.
-func (c *trackedConn) expire() bool { return c.retireFrom(connSeen) }
+// expireLocked retires a connection whose request has been arriving for
+// longer than the drain allows (a client that sent part of a request and
+// stalled): it must not hold the drain to its deadline. Invariant 5: an
+// expiry loses to a complete request. Only a connection that net/http still
+// reports idle or new, whose reader is blocked in the socket waiting for
+// more of the request, is expired; one whose last header byte has been read
+// (net/http is parsing it, or serving it) is not. Called with t.mu held, so
+// that net/http cannot report it active meanwhile; it returns false, doing
+// nothing, when the connection does not qualify.
+func (c *trackedConn) expireLocked() bool {
+	if c.http != http.StateIdle && c.http != http.StateNew {
+		return false
+	}
+	for {
+		v := connState(c.word.Load())
+		if v&^flagBits != connSeen || v&readingBit == 0 {
+			return false
+		}
+		if c.word.CompareAndSwap(int32(v), int32(connRetired|v&flagBits)) {
+			break
+		}
+	}
+	c.sayGoodbye(c.tls)
+	return true
+}
 
 func (c *trackedConn) retireFrom(from connState) bool {
 	if !c.to(from, connRetired) {

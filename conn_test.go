@@ -315,3 +315,36 @@ func TestH2CPrefaceSplit(t *testing.T) {
 	require.NoError(t, err)
 	assert.False(t, tc.h2.Load(), "HTTP/1 PROPFIND is not HTTP/2")
 }
+
+// Invariant 5: an expiry loses to a complete request. A request that has
+// begun to arrive is expired only while net/http reports the connection
+// idle or new and its reader is blocked in the socket for more.
+func TestExpireLosesToCompleteRequest(t *testing.T) {
+	cases := []struct {
+		name    string
+		http    http.ConnState
+		word    connState
+		expired bool
+	}{
+		{"reader blocked for more of the request", http.StateIdle, connSeen | readingBit, true},
+		{"new connection, reader blocked", http.StateNew, connSeen | readingBit, true},
+		{"last header byte read, net/http parsing", http.StateIdle, connSeen, false},
+		{"reported active: being served", http.StateActive, connSeen | readingBit, false},
+		{"nothing arrived: retire, not expire", http.StateIdle, connFresh | readingBit, false},
+	}
+	for _, c := range cases {
+		_, server := tcpPair(t)
+		tc := idleConn(t, server, nil)
+		tc.t.mu.Lock()
+		tc.http = c.http
+		tc.word.Store(int32(c.word))
+		got := tc.expireLocked()
+		tc.t.mu.Unlock()
+		assert.Equal(t, c.expired, got, c.name)
+		if c.expired {
+			assert.Equal(t, connRetired, tc.state(), c.name)
+		} else {
+			assert.Equal(t, c.word, connState(tc.word.Load()), "%s: unchanged", c.name)
+		}
+	}
+}

@@ -85,23 +85,29 @@ func (p *Process) drain(reason string) error {
 // asked to drain too, so that the service stops as asked, losing nothing.
 // Otherwise the drain goes on as usual (DrainDelay first).
 func (p *Process) drainRequested(drainSig <-chan os.Signal) {
+	p.mu.Lock()
+	p.drainAsked = true // no attempt starts from now on (see Upgrade)
+	p.mu.Unlock()
 	if p.settleAttempt(drainSig) {
 		if err := p.toSuccessor.requestDrain(); err != nil {
-			p.log.Error("cannot ask the new process to drain", "err", err)
+			p.log.Error("cannot ask the new process to drain; signalling it", "err", err)
+			p.signalSuccessor()
 		}
 		return
 	}
 	p.delayDrain(drainSig)
 }
 
-// settleAttempt waits, while an upgrade attempt runs, for its outcome
-// (bounded by UpgradeTimeout), and reports whether the new process is
-// ready. A second drain signal stops the wait: the drain then cancels the
-// attempt.
+// settleAttempt waits, if an upgrade attempt runs when the drain is
+// requested, for its outcome (bounded by UpgradeTimeout, plus the wait for
+// the previous generation), and reports whether that attempt made a new
+// process ready. A second drain signal stops the wait: the drain then
+// cancels the attempt.
 func (p *Process) settleAttempt(drainSig <-chan os.Signal) bool {
-	if p.life.get() == PhaseUpgrading {
-		p.log.Info("drain requested during an upgrade: waiting for its outcome")
+	if p.life.get() != PhaseUpgrading {
+		return false
 	}
+	p.log.Info("drain requested during an upgrade: waiting for its outcome")
 	for p.life.get() == PhaseUpgrading {
 		select {
 		case <-p.life.upgraded:

@@ -61,8 +61,11 @@ type Options struct {
 
 	// IdleGrace is how long, after the listener stops accepting, an idle
 	// keep-alive connection may still carry one more request (answered with
-	// "Connection: close") before it is closed. Zero means
-	// [DefaultIdleGrace]; it never extends past DrainTimeout.
+	// "Connection: close") before it is closed. It is also how long a
+	// request that has begun to arrive during the drain has to arrive in
+	// full when the http.Server sets neither ReadHeaderTimeout nor
+	// ReadTimeout. Zero means [DefaultIdleGrace]; it never extends past
+	// DrainTimeout.
 	IdleGrace time.Duration
 
 	// NoHandOff turns off the hand-off of idle connections: by default,
@@ -109,8 +112,11 @@ type Options struct {
 	// Nil means SIGHUP; a non-nil empty slice means none.
 	UpgradeSignals []os.Signal
 
-	// DrainSignals make [Process.Run] drain and return.
-	// Nil means SIGTERM and SIGINT; a non-nil empty slice means none.
+	// DrainSignals make [Process.Run] drain and return. One that arrives
+	// while an upgrade attempt runs waits for its outcome (a second one
+	// cancels the attempt); if the new process became ready, it is asked to
+	// drain too. Nil means SIGTERM and SIGINT; a non-nil empty slice means
+	// none.
 	DrainSignals []os.Signal
 }
 
@@ -143,6 +149,7 @@ type Process struct {
 	parentAsked  chan struct{}  // closed when the parent asks us to drain
 	askedOnce    sync.Once
 	attemptsOver bool           // Run has waited for them: no more (guarded by mu)
+	drainAsked   bool           // a drain was requested: no new attempt (guarded by mu)
 	spreading    sync.WaitGroup // the goodbye spreading
 }
 
@@ -299,10 +306,12 @@ func (p *Process) Add(run func() error, stop func(ctx context.Context) error) {
 // most [Options.UpgradeTimeout]); starts every registered server; writes the
 // PID file and declares the process ready, which completes the parent's
 // upgrade if there is one. Then it waits for one of: an upgrade signal
-// (starts [Process.Upgrade]); a drain signal or ctx done; a successful
-// upgrade; a registered run returning. Whichever comes first, Run drains and
-// returns after every run has returned. Signals are trapped only while Run
-// runs. Run may be called once.
+// (starts [Process.Upgrade]); a drain signal or ctx done (see
+// [Options.DrainSignals] for one during an upgrade); a successful upgrade;
+// a registered run returning; the previous process asking it to drain.
+// Whichever comes first, Run drains and returns after every run has
+// returned. Signals are trapped only while Run runs. Run may be called
+// once.
 func (p *Process) Run(ctx context.Context) error {
 	if _, ok := p.life.enter(PhaseChecking); !ok {
 		return errors.New("graceful: Run called twice")

@@ -161,22 +161,30 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 		defer h.conn.Close()
 		buf, oob := make([]byte, 64<<10), make([]byte, unix.CmsgSpace(4*maxBatch))
 		for {
-			n, oobn, _, _, err := h.conn.ReadMsgUnix(buf, oob)
+			n, oobn, flags, _, err := h.conn.ReadMsgUnix(buf, oob)
 			if err != nil || n == 0 && oobn == 0 {
 				return // the other end is gone, or we close
 			}
-			if oobn == 0 {
-				if string(buf[:n]) == drainRequest && h.drainRequested != nil {
+			if string(buf[:n]) == drainRequest && oobn == 0 {
+				if h.drainRequested != nil {
 					h.drainRequested()
 				}
 				continue
 			}
+			keys := strings.Split(string(buf[:n]), "\x00")
+			if flags&(unix.MSG_CTRUNC|unix.MSG_TRUNC) != 0 {
+				// Out of descriptors here (the kernel drops those it
+				// cannot install) or a message too long: the connections
+				// without a descriptor are lost to both processes.
+				h.log.Error("connection hand-off: message truncated; connections lost", "keys", len(keys), "flags", flags)
+			}
 			msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 			if err != nil {
-				h.log.Warn("connection hand-off: malformed message", "err", err)
+				// Only a kernel bug makes one; its descriptors cannot be
+				// found to close.
+				h.log.Error("connection hand-off: malformed message", "err", err)
 				continue
 			}
-			keys := strings.Split(string(buf[:n]), "\x00")
 			i := 0
 			for _, m := range msgs {
 				fds, err := unix.ParseUnixRights(&m)

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -93,8 +94,8 @@ func TestHandoffBothWays(t *testing.T) {
 	assert.ErrorIs(t, none.send("k", nil), errNoHandoff, "a nil handoff cannot hand off")
 }
 
-// Many concurrent sends are batched into messages of up to maxBatch
-// descriptors; each descriptor still arrives with its own listener key.
+// A message carries up to maxBatch descriptors, each with its own listener
+// key; concurrent sends share messages.
 func TestHandoffBatches(t *testing.T) {
 	const n = 2*maxBatch + 7
 	a, b := handoffPair(t)
@@ -102,7 +103,7 @@ func TestHandoffBatches(t *testing.T) {
 		key string
 		tag byte
 	}
-	received := make(chan got, n)
+	received := make(chan got, 2*n)
 	b.receive(func(key string, c net.Conn) {
 		defer c.Close()
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -113,26 +114,42 @@ func TestHandoffBatches(t *testing.T) {
 		received <- got{key, buf[0]}
 	}, func() {})
 
-	var wg sync.WaitGroup
-	for i := range n {
+	// key returns the key of connection i; tags wrap at 256, a multiple of 4.
+	key := func(i int) string { return fmt.Sprintf("listener-%d", i%4) }
+	conns := make([]net.Conn, n)
+	for i := range conns {
 		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		require.NoError(t, err)
 		ours, theirs := os.NewFile(uintptr(fds[0]), "ours"), os.NewFile(uintptr(fds[1]), "theirs")
-		c, err := net.FileConn(ours)
+		conns[i], err = net.FileConn(ours)
 		ours.Close()
 		require.NoError(t, err)
-		_, err = theirs.Write([]byte{byte(i)}) // waits in c's socket
+		defer conns[i].Close()
+		_, err = theirs.Write([]byte{byte(i), byte(i)}) // waits in conns[i]'s socket, twice
 		theirs.Close()
 		require.NoError(t, err)
-		wg.Go(func() {
-			defer c.Close()
-			// The tag byte wraps at 256, a multiple of 4: i%4 survives it.
-			assert.NoError(t, a.send(fmt.Sprintf("listener-%d", i%4), c))
-		})
+	}
+
+	// Full messages, as the group commit builds them.
+	for start := 0; start < n; start += maxBatch {
+		var batch []*outgoing
+		for i := start; i < min(start+maxBatch, n); i++ {
+			raw, err := conns[i].(syscall.Conn).SyscallConn()
+			require.NoError(t, err)
+			o := &outgoing{key: key(i)}
+			require.NoError(t, raw.Control(func(fd uintptr) { o.fd = int(fd) }))
+			batch = append(batch, o)
+		}
+		require.NoError(t, a.sendBatch(batch))
+	}
+	// The same connections again, through concurrent sends.
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		wg.Go(func() { assert.NoError(t, a.send(key(i), c)) })
 	}
 	wg.Wait()
-	for range n {
+	for range 2 * n {
 		g := <-received
-		assert.Equal(t, fmt.Sprintf("listener-%d", int(g.tag)%4), g.key, "descriptor %d arrived with the key it was sent with", g.tag)
+		assert.Equal(t, key(int(g.tag)), g.key, "descriptor %d arrived with the key it was sent with", g.tag)
 	}
 }

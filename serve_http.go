@@ -24,7 +24,10 @@ import (
 //     connection that goes idle may carry one more request for
 //     [Options.IdleGrace], and one that stays idle through it is retired
 //     with a FIN (after a TLS close_notify) and a short read-drain, never a
-//     reset and never while a request is arriving;
+//     reset and never while a request is arriving; a request that has
+//     begun to arrive gets srv.ReadHeaderTimeout (else srv.ReadTimeout,
+//     else IdleGrace) to arrive, then its connection is retired the same
+//     way, so that a stalled client cannot hold the drain;
 //  3. once no response can offer keep-alive any more, HTTP/2 connections
 //     get GOAWAY and in-flight requests finish ([http.Server.Shutdown]);
 //  4. hijacked connections (WebSocket, ...) are waited for;
@@ -255,7 +258,7 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 	grace := s.p.opts.IdleGrace
 	// How long a request that has begun to arrive may take: what net/http
 	// itself allows for headers, else IdleGrace.
-	arrival := cmp.Or(s.srv.ReadHeaderTimeout, s.srv.ReadTimeout, grace)
+	arrival := cmp.Or(max(s.srv.ReadHeaderTimeout, 0), max(s.srv.ReadTimeout, 0), grace)
 	timer := time.NewTimer(grace)
 	defer timer.Stop()
 	for {
@@ -302,12 +305,23 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 		for _, c := range due {
 			c.retire()
 		}
-		for _, c := range stalled {
-			if c.expire() {
-				s.t.expired.Add(1)
+		expired := 0
+		if len(stalled) > 0 {
+			s.t.mu.Lock()
+			for _, c := range stalled {
+				if c.expireLocked() {
+					expired++
+				}
+			}
+			s.t.mu.Unlock()
+			s.t.expired.Add(int64(expired))
+			if expired < len(stalled) {
+				// Its request is complete, or being read: net/http reports
+				// it active in a moment. Look again then.
+				later(now.Add(rescanInterval))
 			}
 		}
-		if len(due)+len(stalled) > 0 {
+		if len(due) > 0 || expired > 0 {
 			continue
 		}
 		if s.inbox != nil && s.inbox.pending() {

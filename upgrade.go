@@ -13,30 +13,34 @@ import (
 // child, passes it every listener, and blocks until the child is ready (nil),
 // exits, or misses [Options.UpgradeTimeout] (an error naming the cause; the
 // child is killed). On failure this process carries on serving unchanged. On
-// success the process enters [PhaseHandingOver] (or, if a drain signal came
-// first, goes on draining without hand-off) and [Process.Run] drains and
-// returns. It returns at once [ErrUpgradeInProgress] while another attempt
+// success the process enters [PhaseHandingOver] and [Process.Run] drains
+// and returns. Once a drain has been requested no attempt starts
+// ([ErrDraining]). It returns at once [ErrUpgradeInProgress] while another attempt
 // runs or the previous generation still drains, [ErrNotReady] before the
 // process is ready, and [ErrDraining] once it is on its way out. ctx bounds
 // only the wait: the attempt itself is bounded by UpgradeTimeout and still
 // counts as in progress until it ends.
 func (p *Process) Upgrade(ctx context.Context) error {
 	// Counted before the phase moves, so that Run, which waits for every
-	// attempt before it returns, cannot miss this one.
+	// attempt before it returns, cannot miss this one; and moved under the
+	// same lock as a drain request, so that a drain either sees this
+	// attempt (and waits for it) or refuses it.
 	p.mu.Lock()
-	if p.attemptsOver {
+	if p.attemptsOver || p.drainAsked {
 		p.mu.Unlock()
 		return ErrDraining
 	}
 	p.attempts.Add(1)
+	moved := p.life.move(PhaseServing, PhaseUpgrading)
 	p.mu.Unlock()
 	handedOver := false
 	defer func() {
 		if !handedOver {
 			p.attempts.Done()
+			p.attemptEnd()
 		}
 	}()
-	if !p.life.move(PhaseServing, PhaseUpgrading) {
+	if !moved {
 		switch ph := p.life.get(); {
 		case ph == PhaseUpgrading:
 			return ErrUpgradeInProgress
@@ -75,26 +79,22 @@ func (p *Process) Upgrade(ctx context.Context) error {
 // finishUpgrade moves the lifecycle on after an attempt: to HandingOver on
 // success, back to Serving on failure (unless a drain began meanwhile).
 func (p *Process) finishUpgrade(start time.Time, err error) error {
-	defer func() {
-		select {
-		case p.attemptEnded <- struct{}{}:
-		default:
-		}
-	}()
+	defer p.attemptEnd()
 	if err != nil {
 		err = fmt.Errorf("graceful: upgrade: %w", err)
-		serving := p.life.move(PhaseUpgrading, PhaseServing)
 		// A new process that wrote the PID file and then failed (or was
-		// killed by our drain) is dead: the file names this process again,
-		// or, if this one is draining too, nothing.
-		if p.opts.PIDFile != "" && readPIDFile(p.opts.PIDFile) != os.Getpid() {
-			if serving {
-				if werr := writePIDFile(p.opts.PIDFile); werr != nil {
-					p.log.Error("restoring the PID file after a failed upgrade", "err", werr)
-				}
-			} else {
-				os.Remove(p.opts.PIDFile)
+		// killed by our drain) is dead: the file names this process again
+		// (before the phase moves back: no new attempt can start and write
+		// it meanwhile), or, if this one is draining, nothing.
+		stale := p.opts.PIDFile != "" && readPIDFile(p.opts.PIDFile) != os.Getpid()
+		if stale {
+			if werr := writePIDFile(p.opts.PIDFile); werr != nil {
+				p.log.Error("restoring the PID file after a failed upgrade", "err", werr)
 			}
+		}
+		serving := p.life.move(PhaseUpgrading, PhaseServing)
+		if stale && !serving {
+			removePIDFile(p.opts.PIDFile)
 		}
 		if serving {
 			p.notify("READY=1", status("upgrade failed, still serving (pid %d): %v", os.Getpid(), err))
@@ -112,6 +112,14 @@ func (p *Process) finishUpgrade(start time.Time, err error) error {
 		p.notify("MAINPID="+strconv.Itoa(pid), "READY=1", status("upgraded to pid %d; pid %d draining", pid, os.Getpid()))
 	}
 	return nil
+}
+
+// attemptEnd wakes a drain waiting for the outcome of an attempt.
+func (p *Process) attemptEnd() {
+	select {
+	case p.attemptEnded <- struct{}{}:
+	default:
+	}
 }
 
 // logUpgradeFailure logs why an upgrade did not happen, saying "still

@@ -32,3 +32,5 @@ func (p *Process) waitParent(context.Context) {}
 func (p *Process) notifyReady() error { return nil }
 
 func (p *Process) stopPlatform() {}
+
+func (p *Process) signalSuccessor() {}

@@ -48,8 +48,12 @@ type platform struct {
 }
 
 // handoffName names, among the files passed to a new process, the channel
-// on which process pid hands connections to its successor.
-func handoffName(pid int) string { return "graceful-handoff-" + strconv.Itoa(pid) }
+// on which process pid hands connections to its successor. The name
+// carries the message format's version: a new process that does not know
+// it (an older binary, after a rollback) leaves the channel unclaimed,
+// tableflip closes it at Ready, and the old process's sends fail cleanly
+// into retiring the connections, instead of arriving garbled.
+func handoffName(pid int) string { return "graceful-handoff-v2-" + strconv.Itoa(pid) }
 
 func (p *Process) initPlatform() error {
 	acts, err := takeActivated()
@@ -201,6 +205,20 @@ func (p *Process) notifyReady() error {
 // stopPlatform ends upgrades: one in progress is cancelled (its child is
 // killed), and without a successor the Unix socket files are removed. It
 // returns once tableflip has done so.
+// signalSuccessor sends SIGTERM to the new process the PID file names, when
+// it cannot be asked over the hand-off channel (an older version, or no
+// channel).
+func (p *Process) signalSuccessor() {
+	pid := p.successorPID()
+	if pid == 0 {
+		p.log.Error("no PID file names the new process: it serves on")
+		return
+	}
+	if err := unix.Kill(pid, unix.SIGTERM); err != nil {
+		p.log.Error("cannot signal the new process", "pid", pid, "err", err)
+	}
+}
+
 func (p *Process) stopPlatform() {
 	p.plat.upg.Stop()
 	<-p.plat.upg.Exit()
