@@ -3,6 +3,7 @@
 package graceful
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -114,10 +115,7 @@ func (h *handoff) send(key string, c net.Conn) error {
 			batch := h.queue[:min(len(h.queue), maxBatch)]
 			h.queue = h.queue[len(batch):]
 			h.mu.Unlock()
-			err := h.sendBatch(batch)
-			for _, o := range batch {
-				o.done <- err
-			}
+			h.sendEach(batch)
 			h.mu.Lock()
 		}
 		h.sending = false
@@ -128,6 +126,23 @@ func (h *handoff) send(key string, c net.Conn) error {
 		return fmt.Errorf("hand-off: %w", err)
 	}
 	return nil
+}
+
+// sendEach sends batch in one message and tells each sender the outcome.
+// If the message is refused for a reason that one descriptor may cause
+// (not the deadline, not a peer gone: too many descriptors in flight, a bad
+// one), each is sent alone, so that one cannot cost the others.
+func (h *handoff) sendEach(batch []*outgoing) {
+	err := h.sendBatch(batch)
+	if err != nil && len(batch) > 1 && !os.IsTimeout(err) && !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET) {
+		for _, o := range batch {
+			o.done <- h.sendBatch([]*outgoing{o})
+		}
+		return
+	}
+	for _, o := range batch {
+		o.done <- err
+	}
 }
 
 // sendBatch sends one message: the keys, NUL-separated, and the descriptors

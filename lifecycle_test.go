@@ -1,7 +1,11 @@
 package graceful
 
 import (
+	"log/slog"
+	"os"
+	"syscall"
 	"testing"
+	"testing/synctest"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -73,4 +77,51 @@ func TestPhaseSideEffects(t *testing.T) {
 		require.True(t, l.move(l.get(), PhaseDone))
 		assert.True(t, isClosed(l.done))
 	}
+}
+
+// A drain requested while an attempt runs waits for its outcome, whatever
+// it is, and says whether a new process became ready; one requested
+// otherwise does not wait.
+func TestSettleAttempt(t *testing.T) {
+	newProcess := func(ph Phase) *Process {
+		p := &Process{life: newLifecycle(), log: slog.New(slog.DiscardHandler), attemptEnded: make(chan struct{}, 1)}
+		p.life.phase.Store(int32(ph))
+		return p
+	}
+	drainSig := make(chan os.Signal, 1)
+	assert.False(t, newProcess(PhaseServing).settleAttempt(drainSig), "no attempt: no wait")
+	assert.False(t, newProcess(PhaseHandingOver).settleAttempt(drainSig), "an attempt that ended before the drain was asked")
+
+	for _, outcome := range []Phase{PhaseServing, PhaseHandingOver} {
+		synctest.Test(t, func(t *testing.T) {
+			p := newProcess(PhaseUpgrading)
+			drainSig := make(chan os.Signal, 1) // of the bubble: waits on it are durable
+			got := make(chan bool, 1)
+			go func() { got <- p.settleAttempt(drainSig) }()
+			synctest.Wait() // it waits
+			select {
+			case <-got:
+				t.Fatal("returned while the attempt runs")
+			default:
+			}
+			// The attempt ends (refused by the previous generation,
+			// failed, or done): every way out of Upgrading wakes the wait.
+			require.True(t, p.life.move(PhaseUpgrading, outcome))
+			if outcome == PhaseServing {
+				p.attemptEnd()
+			}
+			assert.Equal(t, outcome == PhaseHandingOver, <-got, "outcome %v", outcome)
+		})
+	}
+
+	synctest.Test(t, func(t *testing.T) {
+		p := newProcess(PhaseUpgrading)
+		drainSig := make(chan os.Signal, 1)
+		got := make(chan bool, 1)
+		go func() { got <- p.settleAttempt(drainSig) }()
+		synctest.Wait()
+		drainSig <- syscall.SIGTERM
+		assert.False(t, <-got, "a second drain signal stops the wait")
+		assert.Equal(t, PhaseUpgrading, p.life.get())
+	})
 }
