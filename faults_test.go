@@ -221,19 +221,7 @@ func TestFaultPanicDuringDrain(t *testing.T) {
 func TestFaultKillOldMidDrain(t *testing.T) {
 	h := startHelper(t, []string{"-drain-timeout", "20s"}, loadtest.Config{})
 	old := h.PID()
-	slow := make(chan error, 1)
-	go func() {
-		c := &http.Client{Timeout: 20 * time.Second}
-		resp, err := c.Get("http://" + h.Addr + "/slow?ms=10000")
-		if err == nil {
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-		}
-		slow <- err
-	}()
-	h.waitEvent(old, evSlowStarted)
-	require.NoError(t, h.Signal(syscall.SIGHUP))
-	h.waitEvent(old, evDraining) // the successor is ready; old drains the slow request
+	slow := h.upgradeDuringSlowRequest(10000)
 	require.NoError(t, syscall.Kill(old, syscall.SIGKILL))
 	_, err := h.WaitExit(context.Background(), old)
 	require.NoError(t, err)
@@ -429,19 +417,7 @@ func TestFaultSuccessorStoppedBeforeReady(t *testing.T) {
 func TestFaultOldFrozenMidDrain(t *testing.T) {
 	h := startHelper(t, []string{"-drain-timeout", "3s"}, loadtest.Config{})
 	old := h.PID()
-	slow := make(chan error, 1)
-	go func() {
-		c := &http.Client{Timeout: 30 * time.Second}
-		resp, err := c.Get("http://" + h.Addr + "/slow?ms=20000")
-		if err == nil {
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-		}
-		slow <- err
-	}()
-	h.waitEvent(old, evSlowStarted)
-	require.NoError(t, h.Signal(syscall.SIGHUP))
-	h.waitEvent(old, evDraining) // the successor is ready; old drains the slow request
+	slow := h.upgradeDuringSlowRequest(20000)
 	h.Follow()
 	successor := h.PID()
 	require.NotEqual(t, old, successor)
@@ -747,4 +723,27 @@ func TestFaultSIGTERMRacesReady(t *testing.T) {
 			assert.True(t, loadtest.Alive(pid), "run %d: the PID file names dead process %d", i, pid)
 		}
 	}
+}
+
+// upgradeDuringSlowRequest sends GET /slow?ms=ms to the serving process,
+// upgrades it (SIGHUP) once the request is in its handler, and returns once
+// the old process drains it, the successor being ready. The channel gets
+// the request's outcome.
+func (h *helper) upgradeDuringSlowRequest(ms int) <-chan error {
+	h.t.Helper()
+	old := h.PID()
+	slow := make(chan error, 1)
+	go func() {
+		c := &http.Client{Timeout: time.Duration(ms)*time.Millisecond + 10*time.Second}
+		resp, err := c.Get("http://" + h.Addr + "/slow?ms=" + strconv.Itoa(ms))
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		slow <- err
+	}()
+	h.waitEvent(old, evSlowStarted)
+	require.NoError(h.t, h.Signal(syscall.SIGHUP))
+	h.waitEvent(old, evDraining)
+	return slow
 }
