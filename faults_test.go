@@ -375,16 +375,7 @@ func TestFaultSuccessorStoppedBeforeReady(t *testing.T) {
 		}
 		answer <- a
 	}()
-	var child int
-	for i := 0; child == 0; i++ {
-		require.Less(t, i, 2000, "the new process never ran its checks")
-		for _, pid := range h.pidsWith(evChecking) {
-			if pid != old {
-				child = pid
-			}
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	child := h.waitNewPID(old, evChecking)
 	require.NoError(t, syscall.Kill(child, syscall.SIGTERM))
 	a := <-answer
 	assert.Equal(t, old, a.pid)
@@ -574,18 +565,7 @@ func TestFaultSuccessorStallsAtHandOff(t *testing.T) {
 		require.Equal(t, http.StatusOK, rc.response().StatusCode)
 	}
 	require.NoError(t, h.Signal(syscall.SIGHUP))
-	var successor int
-	for i := 0; successor == 0; i++ {
-		require.Less(t, i, 10000, "no new process became ready")
-		for _, pid := range h.pidsWith(evReady) {
-			if pid != old {
-				successor = pid
-			}
-		}
-		if successor == 0 {
-			time.Sleep(time.Millisecond)
-		}
-	}
+	successor := h.waitNewPID(old, evReady)
 	require.NoError(t, syscall.Kill(successor, syscall.SIGSTOP))
 	time.Sleep(2 * time.Second) // the stall itself
 	require.NoError(t, syscall.Kill(successor, syscall.SIGCONT))
@@ -632,16 +612,7 @@ func TestFaultStopDuringUpgrade(t *testing.T) {
 	require.Equal(t, http.StatusOK, idle.response().StatusCode)
 	h.setMode(modeSlowReady)
 	require.NoError(t, h.Signal(syscall.SIGHUP))
-	var successor int
-	for i := 0; successor == 0; i++ {
-		require.Less(t, i, 2000, "the new process never ran its checks")
-		for _, pid := range h.pidsWith(evChecking) {
-			if pid != old {
-				successor = pid
-			}
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	successor := h.waitNewPID(old, evChecking)
 	require.NoError(t, h.Signal(syscall.SIGTERM))
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)

@@ -555,6 +555,24 @@ func (h *helper) waitEvent(pid int, event string) {
 	}
 }
 
+// waitNewPID waits (bounded) until a process other than old has recorded
+// event, and returns its PID.
+func (h *helper) waitNewPID(old int, event string) int {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		for _, pid := range h.pidsWith(event) {
+			if pid != old {
+				return pid
+			}
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("no process but %d recorded %q", old, event)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // noChildren waits (bounded) until the serving process has no live child.
 func (h *helper) noChildren() {
 	h.t.Helper()
