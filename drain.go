@@ -18,9 +18,9 @@ import (
 // stops accepting (so that a client told goodbye reconnects to the
 // successor, or to nothing, never to this process again), and calls every
 // server's stop. The stops start before the goodbyes, which gives gRPC's
-// GracefulStop a head start to send GOAWAY, but nothing orders the two:
-// an HTTP/2 client may still retry a stream on its old connection and be
-// told goodbye there again.
+// GracefulStop a head start to send GOAWAY; under Serve, streams on HTTP/2
+// connections are told goodbye only once Shutdown has sent it (see
+// Goodbye).
 func (p *Process) beginDrain() {
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
 	p.mu.Lock()
@@ -151,17 +151,28 @@ func (p *Process) delayDrain(drainSig <-chan os.Signal) {
 // Otherwise the streams open when the drain starts are told one at a time,
 // evenly over GoodbyeSpread and in random order, so that their clients do
 // not all reconnect to the new process in the same instant; a stream that
-// asks once the drain has started is told at once. The registration ends
-// with ctx. A nil *Process returns a nil channel.
+// asks once the drain has started is told at once. A stream on an HTTP/2
+// connection of a [Process.Serve] server is told no earlier than its
+// connection's GOAWAY, so that its client reconnects elsewhere instead of
+// on the same connection. The registration ends with ctx. A nil *Process
+// returns a nil channel.
 func (p *Process) Goodbye(ctx context.Context) <-chan struct{} {
 	if p == nil {
 		return nil
 	}
+	gate := goodbyeGate(ctx) // HTTP/2 under Serve: not before the GOAWAY
 	if p.opts.GoodbyeSpread <= 0 {
+		if gate != nil {
+			return gate.Done() // done after the drain began, at Shutdown
+		}
 		return p.life.draining
 	}
 	g := make(chan struct{})
-	p.onGoodbye(ctx, func() { close(g) })
+	if gate == nil {
+		p.onGoodbye(ctx, func() { close(g) })
+	} else {
+		p.onGoodbye(ctx, func() { context.AfterFunc(gate, func() { close(g) }) })
+	}
 	return g
 }
 

@@ -718,3 +718,66 @@ func (h *helper) upgradeDuringSlowRequest(ms int) <-chan error {
 	h.waitEvent(old, evDraining)
 	return slow
 }
+
+// TestFaultH2GoodbyeBeforeGoaway: an h2c client reopens its stream each
+// time it is told goodbye, while an HTTP/1 request keeps the old process's
+// keep-alive retirement (and so its Shutdown) going for 1.5 s after an
+// upgrade. A stream told goodbye before its connection's GOAWAY would be
+// reopened on the same connection, to the draining process, and told
+// goodbye again, in a loop (44,280 times in 1.2 s, found by review); told
+// at the GOAWAY, the client reopens it on a new connection, to the new
+// process.
+func TestFaultH2GoodbyeBeforeGoaway(t *testing.T) {
+	h := startHelper(t, []string{"-h2c", "-drain-timeout", "20s"}, loadtest.Config{})
+	old := h.PID()
+	tr := &http.Transport{Protocols: new(http.Protocols)}
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	defer tr.CloseIdleConnections()
+	streams := &http.Client{Transport: tr, Timeout: 30 * time.Second}
+	var mu sync.Mutex
+	byPID := map[string]int{}
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	opened := make(chan struct{}, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			resp, err := streams.Get("http://" + h.Addr + "/stream")
+			if err != nil {
+				done <- err
+				return
+			}
+			mu.Lock()
+			byPID[resp.Header.Get("X-Pid")]++
+			mu.Unlock()
+			select {
+			case opened <- struct{}{}:
+			default:
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}()
+	<-opened // a stream is open on the old process
+	slow := h.upgradeDuringSlowRequest(1500)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	code, err := h.WaitExit(ctx, old)
+	require.NoError(t, err)
+	assert.Equal(t, 0, code)
+	require.NoError(t, <-slow, "the HTTP/1 request in flight is answered")
+	h.Follow()
+	close(stop)
+	// The stream open on the new process ends at its goodbye: stop it.
+	require.NoError(t, h.Signal(syscall.SIGTERM))
+	require.NoError(t, <-done)
+	mu.Lock()
+	defer mu.Unlock()
+	assert.LessOrEqual(t, byPID[strconv.Itoa(old)], 2, "streams opened on the old process (%v)", byPID)
+	assert.Positive(t, byPID[strconv.Itoa(h.PID())], "the stream reopened on the new process")
+}

@@ -276,6 +276,18 @@ func helperMux(p *graceful.Process, ev *eventLog) *http.ServeMux {
 		w.Header().Set("X-Pid", pid)
 		io.WriteString(w, "ok")
 	})
+	// /stream sends its headers at once, then waits for its goodbye and
+	// ends with "bye".
+	mux.HandleFunc("GET /stream", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
+		w.WriteHeader(http.StatusOK)
+		http.NewResponseController(w).Flush()
+		select {
+		case <-p.Goodbye(r.Context()):
+			io.WriteString(w, "bye")
+		case <-r.Context().Done():
+		}
+	})
 	// /panic panics once the process drains, in the middle of a request.
 	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) {
 		ev.add(evPanicWaiting)

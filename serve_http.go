@@ -43,6 +43,18 @@ import (
 func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 	t := newTracker(ln.Addr().String())
 	s := &httpServer{p: p, srv: srv, ln: &trackedListener{Listener: ln, t: t}, t: t, tls: srv.TLSConfig != nil}
+	s.goaway, s.goawaySent = context.WithCancel(context.Background())
+	// HTTP/2 connections get GOAWAY from Shutdown; streams on them are told
+	// goodbye only then (see Goodbye).
+	srv.RegisterOnShutdown(s.goawaySent)
+	connContext := srv.ConnContext
+	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
+		if connContext != nil {
+			ctx = connContext(ctx, c)
+		}
+		tc, _ := unwrap(c)
+		return context.WithValue(ctx, connKey{}, &servedConn{c: tc, s: s})
+	}
 
 	base := srv.BaseContext
 	srv.BaseContext = func(l net.Listener) context.Context {
@@ -89,6 +101,33 @@ type httpServer struct {
 	inbox   *inbox           // connections handed over by the parent
 	inboxLn *trackedListener // inbox, tracked
 	tls     bool             // decided at Serve: net/http may set TLSConfig itself later (HTTP/2)
+
+	// goaway is done once Shutdown (or Close) began: HTTP/2 connections
+	// have been sent GOAWAY, or are being closed. goawaySent ends it.
+	goaway     context.Context
+	goawaySent context.CancelFunc
+}
+
+// connKey is the context key of the servedConn a request arrived on.
+type connKey struct{}
+
+// servedConn is the connection a request arrived on, and its server.
+type servedConn struct {
+	c *trackedConn
+	s *httpServer
+}
+
+// goodbyeGate returns, for a request on an HTTP/2 connection of a Serve
+// server, a context done once that connection has been sent GOAWAY;
+// otherwise nil. A stream told goodbye before its client has the GOAWAY
+// would open its next stream on the same connection, to this draining
+// process, and be told goodbye again, over and over.
+func goodbyeGate(ctx context.Context) context.Context {
+	sc, _ := ctx.Value(connKey{}).(*servedConn)
+	if sc == nil || sc.c == nil || !sc.c.h2.Load() {
+		return nil
+	}
+	return sc.s.goaway
 }
 
 func (s *httpServer) run() error {
@@ -164,6 +203,7 @@ func (s *httpServer) stop(ctx context.Context) error {
 	}
 	if err != nil {
 		// The deadline: what is left is closed, hijacked connections too.
+		s.goawaySent() // Close runs no shutdown hooks
 		s.srv.Close()
 		if n := s.t.closeAll(); n > 0 {
 			log.Warn("drain deadline: connections force-closed", "addr", s.t.key, "conns", n)
