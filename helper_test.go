@@ -414,8 +414,18 @@ func startHelper(t *testing.T, args []string, cfg loadtest.Config) *helper {
 	h.Server = srv
 	t.Cleanup(func() {
 		srv.Kill()
+		events, _ := os.ReadFile(h.eventsFile)
+		// Generations the test did not follow (it failed midway, say) are
+		// killed too: every one recorded its start.
+		for line := range strings.Lines(string(events)) {
+			pid, event, _ := strings.Cut(strings.TrimSpace(line), " ")
+			if n, err := strconv.Atoi(pid); err == nil && event == evStarted && loadtest.Alive(n) {
+				if proc, err := os.FindProcess(n); err == nil {
+					proc.Kill()
+				}
+			}
+		}
 		if t.Failed() {
-			events, _ := os.ReadFile(h.eventsFile)
 			t.Logf("server logs:\n%s\nhelper events:\n%s", h.logs.String(), events)
 		}
 	})
