@@ -185,13 +185,6 @@ func (t *tracker) remove(tc *trackedConn) {
 	t.mu.Unlock()
 }
 
-// len returns how many connections are open.
-func (t *tracker) len() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.conns)
-}
-
 // snapshot returns the open connections.
 func (t *tracker) snapshot() []*trackedConn {
 	t.mu.Lock()
@@ -613,7 +606,16 @@ func (c *trackedConn) handOff() {
 // then a read-drain that discards anything the peer still sends, so no
 // request starts and the close sends no RST. It does nothing, and returns
 // false, if bytes of a request arrived first.
-func (c *trackedConn) retire() bool { return c.retireFrom(connFresh) }
+func (c *trackedConn) retire() bool {
+	if !c.to(connFresh, connRetired) {
+		return false
+	}
+	c.t.mu.Lock()
+	tlsConn := c.tls
+	c.t.mu.Unlock()
+	c.sayGoodbye(tlsConn)
+	return true
+}
 
 // expireLocked retires a connection whose request has been arriving for
 // longer than the drain allows (a client that sent part of a request and
@@ -638,17 +640,6 @@ func (c *trackedConn) expireLocked() bool {
 		}
 	}
 	c.sayGoodbye(c.tls)
-	return true
-}
-
-func (c *trackedConn) retireFrom(from connState) bool {
-	if !c.to(from, connRetired) {
-		return false
-	}
-	c.t.mu.Lock()
-	tlsConn := c.tls
-	c.t.mu.Unlock()
-	c.sayGoodbye(tlsConn)
 	return true
 }
 

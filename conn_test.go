@@ -348,3 +348,10 @@ func TestExpireLosesToCompleteRequest(t *testing.T) {
 		}
 	}
 }
+
+// len returns how many connections are open.
+func (t *tracker) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.conns)
+}

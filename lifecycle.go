@@ -89,8 +89,7 @@ func (ph Phase) drainStarted() bool { return ph >= PhaseHandingOver }
 //   - draining: entering HandingOver or Draining, after beforeDrain (it
 //     closes the listeners, so that a client told goodbye reconnects to the
 //     successor, never to this process again) and onDrain (it starts the
-//     goodbye spreading) ran; then upgraded, entering HandingOver;
-//   - done: entering Done.
+//     goodbye spreading) ran; then upgraded, entering HandingOver.
 type lifecycle struct {
 	mu    sync.Mutex // serialises transitions
 	phase atomic.Int32
@@ -98,7 +97,6 @@ type lifecycle struct {
 	ready       chan struct{}
 	upgraded    chan struct{}
 	draining    chan struct{}
-	done        chan struct{}
 	beforeDrain func() // may be nil
 	onDrain     func() // may be nil
 }
@@ -108,7 +106,6 @@ func newLifecycle() *lifecycle {
 		ready:    make(chan struct{}),
 		upgraded: make(chan struct{}),
 		draining: make(chan struct{}),
-		done:     make(chan struct{}),
 	}
 }
 
@@ -158,8 +155,6 @@ func (l *lifecycle) change(only, to Phase) (from Phase, ok bool) {
 		if to == PhaseHandingOver {
 			close(l.upgraded)
 		}
-	case PhaseDone:
-		close(l.done)
 	}
 	return from, true
 }

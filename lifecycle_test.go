@@ -75,7 +75,7 @@ func TestPhaseSideEffects(t *testing.T) {
 		_, ok := l.enter(PhaseDraining)
 		assert.False(t, ok, "no second drain")
 		require.True(t, l.move(l.get(), PhaseDone))
-		assert.True(t, isClosed(l.done))
+		assert.Equal(t, PhaseDone, l.get())
 	}
 }
 
