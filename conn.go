@@ -133,7 +133,7 @@ type tracker struct {
 	// send, set during a drain with a successor, passes a claimed
 	// connection on. handed and kept count what it passed and what it
 	// could not pass (those were retired instead).
-	send    func(net.Conn) error
+	send    atomic.Pointer[func(net.Conn) error] // read without mu: a scan holds it long
 	handed  atomic.Int64
 	kept    atomic.Int64
 	expired atomic.Int64 // requests that did not arrive within the drain's bound
@@ -198,9 +198,11 @@ func (t *tracker) snapshot() []*trackedConn {
 
 // setSend starts (or, with nil, stops) passing claimed connections on.
 func (t *tracker) setSend(send func(net.Conn) error) {
-	t.mu.Lock()
-	t.send = send
-	t.mu.Unlock()
+	if send == nil {
+		t.send.Store(nil)
+	} else {
+		t.send.Store(&send)
+	}
 }
 
 // unwrap returns the trackedConn under c: c itself, or the connection under
@@ -241,7 +243,7 @@ func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
 			tc.seenAt.Store(tc.since.UnixNano())
 		}
 	}
-	if (s == http.StateIdle || s == http.StateNew) && t.send != nil {
+	if (s == http.StateIdle || s == http.StateNew) && t.send.Load() != nil {
 		// Claimed before net/http's next read, which then sees EOF. (A new
 		// connection during a drain is one our parent handed us late.)
 		tc.claimLocked()
@@ -582,10 +584,7 @@ func (c *trackedConn) beginHandOff() bool {
 // read-drain, as without a successor.
 func (c *trackedConn) handOff() {
 	defer close(c.handDone)
-	c.t.mu.Lock()
-	send := c.t.send
-	c.t.mu.Unlock()
-	if send != nil && send(c.Conn) == nil {
+	if send := c.t.send.Load(); send != nil && (*send)(c.Conn) == nil {
 		c.to(connHanding, connHanded)
 		c.t.handed.Add(1)
 		return

@@ -40,7 +40,7 @@ func idleConn(t *testing.T, server net.Conn, send func(net.Conn) error) *tracked
 	tc := tr.add(server)
 	tr.mu.Lock()
 	tc.http = http.StateIdle
-	tr.send = send
+	tr.setSend(send)
 	tr.mu.Unlock()
 	return tc
 }

@@ -12,10 +12,10 @@ import (
 // already sent still unread in the socket.
 //
 // A handoff is one process's end of a channel to another generation (a
-// SOCK_SEQPACKET pair; a message carries up to 253 connections: the keys
-// of the listeners that accepted them, NUL-separated, and their
-// descriptors in the same order; a message without descriptor asks the
-// other process to drain). Either end may send and receive,
+// SOCK_SEQPACKET pair; a message carries up to 253 connections: for each,
+// the key of the listener that accepted it and its addresses, entries
+// NUL-separated, and their descriptors in the same order; a message
+// without descriptor asks the other process to drain). Either end may send and receive,
 // so connections can travel from the old process to the new one (idle
 // keep-alive connections at the end of an upgrade, ServeConns' HandOff) as
 // well as back. A nil *handoff cannot hand off: send fails with

@@ -5,8 +5,10 @@ package graceful
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -82,9 +84,24 @@ const maxBatch = 253
 // outgoing is one connection waiting in send for the message that carries
 // it.
 type outgoing struct {
-	key  string
-	fd   int // valid while its sender waits: nothing closes the connection meanwhile
-	done chan error
+	entry string // see handoffEntry
+	fd    int    // valid while its sender waits: nothing closes the connection meanwhile
+	done  chan error
+}
+
+// handoffEntry is what a message says of one connection beside its
+// descriptor: the key of the listener that accepted it, the network, and the
+// local and remote addresses, separated by \x01. The receiver then needs no
+// system call to learn them.
+func handoffEntry(key string, c net.Conn) string {
+	var network, local, remote string
+	if a := c.LocalAddr(); a != nil {
+		network, local = a.Network(), a.String()
+	}
+	if a := c.RemoteAddr(); a != nil {
+		remote = a.String()
+	}
+	return key + "\x01" + network + "\x01" + local + "\x01" + remote
 }
 
 // send passes c's descriptor, and the key of the listener that accepted it,
@@ -103,7 +120,7 @@ func (h *handoff) send(key string, c net.Conn) error {
 	if err != nil {
 		return fmt.Errorf("hand-off: %w", err)
 	}
-	out := &outgoing{key: key, fd: -1, done: make(chan error, 1)}
+	out := &outgoing{entry: handoffEntry(key, c), fd: -1, done: make(chan error, 1)}
 	if err := raw.Control(func(fd uintptr) { out.fd = int(fd) }); err != nil {
 		return fmt.Errorf("hand-off: %w", err)
 	}
@@ -145,8 +162,8 @@ func (h *handoff) sendEach(batch []*outgoing) {
 	}
 }
 
-// sendBatch sends one message: the keys, NUL-separated, and the descriptors
-// in the same order.
+// sendBatch sends one message: the entries, NUL-separated, and the
+// descriptors in the same order.
 func (h *handoff) sendBatch(batch []*outgoing) error {
 	var keys []byte
 	fds := make([]int, len(batch))
@@ -154,7 +171,7 @@ func (h *handoff) sendBatch(batch []*outgoing) error {
 		if i > 0 {
 			keys = append(keys, 0)
 		}
-		keys = append(keys, o.key...)
+		keys = append(keys, o.entry...)
 		fds[i] = o.fd
 	}
 	_, _, err := h.conn.WriteMsgUnix(keys, unix.UnixRights(fds...), nil)
@@ -207,14 +224,12 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 					continue
 				}
 				for _, fd := range fds {
-					key := ""
+					e := ""
 					if i < len(keys) {
-						key = keys[i]
+						e = keys[i]
 					}
 					i++
-					f := os.NewFile(uintptr(fd), "handed-off")
-					c, err := net.FileConn(f)
-					f.Close()
+					key, c, err := receivedConn(fd, e)
 					if err != nil {
 						h.log.Warn("connection hand-off: unusable descriptor", "err", err)
 						continue
@@ -224,6 +239,116 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 			}
 		}
 	}()
+}
+
+// receivedConn makes a connection of a descriptor received with its entry
+// (see handoffEntry). Two system calls (fcntl, epoll_ctl), where net.FileConn
+// makes about fifteen (dup, fcntl, getsockopt, getsockname, getpeername,
+// setsockopt, ... and close): at thousands of connections a hand-off,
+// that is most of its cost. The socket's options (no delay, keep-alive)
+// were set by the process that accepted it and travel with the socket.
+func receivedConn(fd int, e string) (key string, c net.Conn, err error) {
+	parts := strings.Split(e, "\x01")
+	key = parts[0]
+	f := os.NewFile(uintptr(fd), "handed-off")
+	if len(parts) == 4 {
+		local, lerr := parseAddr(parts[1], parts[2])
+		remote, rerr := parseAddr(parts[1], parts[3])
+		// A descriptor in blocking mode (none of ours) would get no
+		// deadlines: take the slow path for it.
+		if lerr == nil && rerr == nil && f.SetDeadline(time.Time{}) == nil {
+			return key, &handedConn{f: f, local: local, remote: remote}, nil
+		}
+	}
+	defer f.Close()
+	c, err = net.FileConn(f)
+	return key, c, err
+}
+
+// parseAddr parses an address as net.Addr.String formats it.
+func parseAddr(network, s string) (net.Addr, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		ap, err := netip.ParseAddrPort(s)
+		if err != nil {
+			return nil, err
+		}
+		return net.TCPAddrFromAddrPort(ap), nil
+	case "unix":
+		return &net.UnixAddr{Name: s, Net: network}, nil
+	}
+	return nil, fmt.Errorf("network %q", network)
+}
+
+// handedConn is a connection received over the hand-off channel: its
+// descriptor as a pollable *os.File, which has the same deadlines and the
+// same non-blocking I/O through the runtime poller as a net.Conn, with
+// errors shaped as the net package shapes them (net/http tells a timeout
+// from a failure by net.Error).
+type handedConn struct {
+	f             *os.File
+	local, remote net.Addr
+}
+
+func (c *handedConn) Read(b []byte) (int, error) {
+	n, err := c.f.Read(b)
+	return n, c.opError("read", err)
+}
+
+func (c *handedConn) Write(b []byte) (int, error) {
+	n, err := c.f.Write(b)
+	return n, c.opError("write", err)
+}
+
+func (c *handedConn) Close() error { return c.opError("close", c.f.Close()) }
+
+// CloseWrite shuts down the sending side, as net.TCPConn's does.
+func (c *handedConn) CloseWrite() error {
+	raw, err := c.f.SyscallConn()
+	if err != nil {
+		return c.opError("close", err)
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) { serr = unix.Shutdown(int(fd), unix.SHUT_WR) }); err != nil {
+		return c.opError("close", err)
+	}
+	return c.opError("close", serr)
+}
+
+func (c *handedConn) LocalAddr() net.Addr  { return c.local }
+func (c *handedConn) RemoteAddr() net.Addr { return c.remote }
+
+func (c *handedConn) SetDeadline(t time.Time) error {
+	return c.opError("set", c.f.SetDeadline(t))
+}
+
+func (c *handedConn) SetReadDeadline(t time.Time) error {
+	return c.opError("set", c.f.SetReadDeadline(t))
+}
+
+func (c *handedConn) SetWriteDeadline(t time.Time) error {
+	return c.opError("set", c.f.SetWriteDeadline(t))
+}
+
+// SyscallConn lets the connection be handed on again.
+func (c *handedConn) SyscallConn() (syscall.RawConn, error) { return c.f.SyscallConn() }
+
+// opError shapes err as a net.Conn's: a *net.OpError whose Err is the
+// system call's error, net.ErrClosed or the deadline's; io.EOF as is.
+func (c *handedConn) opError(op string, err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	if pe, ok := err.(*os.PathError); ok {
+		err = pe.Err
+		if errno, ok := err.(syscall.Errno); ok {
+			err = os.NewSyscallError(pe.Op, errno)
+		}
+	}
+	if errors.Is(err, os.ErrClosed) {
+		err = net.ErrClosed
+	}
+	return &net.OpError{Op: op, Net: c.local.Network(), Source: c.local, Addr: c.remote, Err: err}
 }
 
 // wait blocks until the receive loop has ended and delivered everything.

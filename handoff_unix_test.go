@@ -136,7 +136,7 @@ func TestHandoffBatches(t *testing.T) {
 		for i := start; i < min(start+maxBatch, n); i++ {
 			raw, err := conns[i].(syscall.Conn).SyscallConn()
 			require.NoError(t, err)
-			o := &outgoing{key: key(i)}
+			o := &outgoing{entry: handoffEntry(key(i), conns[i])}
 			require.NoError(t, raw.Control(func(fd uintptr) { o.fd = int(fd) }))
 			batch = append(batch, o)
 		}
@@ -152,4 +152,85 @@ func TestHandoffBatches(t *testing.T) {
 		g := <-received
 		assert.Equal(t, key(int(g.tag)), g.key, "descriptor %d arrived with the key it was sent with", g.tag)
 	}
+}
+
+// A received TCP connection behaves as a net.Conn from the net package
+// would, for everything net/http and the drain rely on: its addresses, the
+// bytes already sent, timeouts as net.Error, the half-close, a second
+// hand-off, net.ErrClosed after Close, io.EOF at the peer's FIN.
+func TestHandedConn(t *testing.T) {
+	a, b := handoffPair(t)
+	received := make(chan net.Conn, 1)
+	b.receive(func(key string, c net.Conn) {
+		assert.Equal(t, "k", key)
+		received <- c
+	}, func() {})
+	back := make(chan net.Conn, 1)
+	a.receive(func(_ string, c net.Conn) { back <- c }, func() {})
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer client.Close()
+	served, err := ln.Accept()
+	require.NoError(t, err)
+	_, err = io.WriteString(client, "hello")
+	require.NoError(t, err)
+	require.NoError(t, a.send("k", served))
+	served.Close()
+
+	var c net.Conn
+	select {
+	case c = <-received:
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing received")
+	}
+	defer c.Close()
+	require.IsType(t, &handedConn{}, c, "the cheap path, not net.FileConn")
+	assert.Equal(t, client.LocalAddr().String(), c.RemoteAddr().String())
+	assert.Equal(t, client.RemoteAddr().String(), c.LocalAddr().String())
+	assert.Equal(t, "tcp", c.LocalAddr().Network())
+
+	buf := make([]byte, 5)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = io.ReadFull(c, buf)
+	require.NoError(t, err)
+	assert.Equal(t, "hello", string(buf), "bytes sent before the hand-off")
+
+	c.SetReadDeadline(time.Unix(1, 0))
+	_, err = c.Read(buf)
+	var ne net.Error
+	require.ErrorAs(t, err, &ne, "net/http tells a timeout by net.Error")
+	assert.True(t, ne.Timeout())
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+
+	_, err = io.WriteString(c, "world")
+	require.NoError(t, err)
+	require.NoError(t, c.(interface{ CloseWrite() error }).CloseWrite())
+	got, err := io.ReadAll(client)
+	require.NoError(t, err, "the client reads our FIN")
+	assert.Equal(t, "world", string(got))
+
+	// Handed on again: the other way, as a later upgrade would.
+	_, err = io.WriteString(client, "again")
+	require.NoError(t, err)
+	require.NoError(t, b.send("k", c))
+	c.Close()
+	_, err = c.Read(buf)
+	assert.ErrorIs(t, err, net.ErrClosed)
+	select {
+	case c = <-back:
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing received back")
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = io.ReadFull(c, buf)
+	require.NoError(t, err)
+	assert.Equal(t, "again", string(buf))
+	client.Close()
+	_, err = c.Read(buf)
+	assert.Equal(t, io.EOF, err, "the peer's FIN")
 }

@@ -305,7 +305,7 @@ func (s *httpServer) retireKeepAlive(ctx context.Context) error {
 		s.t.mu.Lock()
 		changed := s.t.changedLocked()
 		now := time.Now()
-		handoff := s.t.send != nil
+		handoff := s.t.send.Load() != nil
 		var due, stalled []*trackedConn
 		var next time.Time
 		later := func(at time.Time) {

@@ -53,7 +53,7 @@ type platform struct {
 // it (an older binary, after a rollback) leaves the channel unclaimed,
 // tableflip closes it at Ready, and the old process's sends fail cleanly
 // into retiring the connections, instead of arriving garbled.
-func handoffName(pid int) string { return "graceful-handoff-v2-" + strconv.Itoa(pid) }
+func handoffName(pid int) string { return "graceful-handoff-v3-" + strconv.Itoa(pid) }
 
 func (p *Process) initPlatform() error {
 	acts, err := takeActivated()
