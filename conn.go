@@ -137,6 +137,8 @@ type tracker struct {
 	handed  atomic.Int64
 	kept    atomic.Int64
 	expired atomic.Int64 // requests that did not arrive within the drain's bound
+	retired atomic.Int64 // idle connections closed cleanly by the drain
+	forced  atomic.Int64 // closed at the drain deadline
 	key     string       // the listener's address: where the successor serves what it receives
 	raw     bool         // ServeConns: its connections may be passed on with HandOff
 
@@ -609,6 +611,7 @@ func (c *trackedConn) retire() bool {
 	if !c.to(connFresh, connRetired) {
 		return false
 	}
+	c.t.retired.Add(1)
 	c.t.mu.Lock()
 	tlsConn := c.tls
 	c.t.mu.Unlock()

@@ -3,6 +3,7 @@ package graceful
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -14,8 +15,8 @@ import (
 
 // This file holds the server side of the control socket
 // ([Options.ControlSocket]); the client is package control, and the command
-// gracefulctl. The protocol: one request line, "upgrade" or "status"; one
-// answer line, "ok <text>" or "error <reason>".
+// gracefulctl. The protocol: one request line, "upgrade", "status" or
+// "status-json"; one answer line, "ok <text>" or "error <reason>".
 
 // Commands understood by the control socket.
 const (
@@ -24,6 +25,8 @@ const (
 	controlUpgrade = "upgrade"
 	// controlStatus answers with the serving process's PID and phase.
 	controlStatus = "status"
+	// controlStatusJSON answers with [Process.Status] as JSON, on one line.
+	controlStatusJSON = "status-json"
 )
 
 // controlRequestTimeout bounds how long a peer may take to send its
@@ -53,7 +56,7 @@ func (p *Process) listenControl(path string) error {
 		ln.Close()
 		return fmt.Errorf("graceful: control socket %s: %w", path, err)
 	}
-	p.ServeConns(ln, p.handleControl)
+	p.serveConns(ln, p.handleControl, true)
 	return nil
 }
 
@@ -117,8 +120,15 @@ func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 		}
 	case controlStatus:
 		reply(true, "pid "+strconv.Itoa(os.Getpid())+" "+p.life.get().String())
+	case controlStatusJSON:
+		b, err := json.Marshal(p.Status())
+		if err != nil {
+			reply(false, "graceful: control socket: "+err.Error())
+			return
+		}
+		reply(true, string(b))
 	default:
 		log.Warn("control socket: unknown command", "peer_pid", pid, "command", strconv.Quote(cmd))
-		reply(false, fmt.Sprintf("graceful: control socket: unknown command %q (want %q or %q)", cmd, controlUpgrade, controlStatus))
+		reply(false, fmt.Sprintf("graceful: control socket: unknown command %q (want %q, %q or %q)", cmd, controlUpgrade, controlStatus, controlStatusJSON))
 	}
 }

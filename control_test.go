@@ -62,7 +62,7 @@ func TestControlSocket(t *testing.T) {
 		assert.Contains(t, rawControl(t, sock, strings.Repeat("upgrade", 100)), "error graceful: control socket: request longer than 256 bytes")
 		assert.Contains(t, rawControl(t, sock, "upgrade"), "error graceful: control socket: no request line", "a request must end with a newline")
 		assert.Contains(t, rawControl(t, sock, "\n"), `unknown command ""`)
-		assert.Contains(t, rawControl(t, sock, "UPGRADE\n"), `unknown command "UPGRADE" (want "upgrade" or "status")`)
+		assert.Contains(t, rawControl(t, sock, "UPGRADE\n"), `unknown command "UPGRADE" (want "upgrade", "status" or "status-json")`)
 	})
 
 	t.Run("not the owner", func(t *testing.T) {

@@ -2,6 +2,7 @@ package graceful
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -33,6 +34,7 @@ func (p *Process) beginDrain() {
 	// Sends to the successor wait for it until the deadline (see setDeadline).
 	deadline, _ := ctx.Deadline()
 	p.toSuccessor.setDeadline(deadline)
+	p.drainInFlight.Store(p.inFlight.Load())
 	p.group.beginStop(ctx, p.closeListeners)
 }
 
@@ -55,6 +57,10 @@ func (p *Process) drain(reason string) error {
 	p.mu.Unlock()
 	defer cancel()
 	p.log.Info("draining", "reason", reason, "timeout", p.opts.DrainTimeout)
+	if p.events != nil {
+		st := p.Status()
+		p.emit(Event{Kind: EventDrainStarted, Time: start, PID: st.PID, Generation: st.Generation, Reason: reason, Drain: DrainStats{InFlight: int(p.drainInFlight.Load())}, Totals: st.Totals})
+	}
 	ready := isClosed(p.life.ready)
 	if !upgraded && ready {
 		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
@@ -71,10 +77,45 @@ func (p *Process) drain(reason string) error {
 	err := p.group.wait()
 	p.spreading.Wait() // bounded: spread says the rest at once when ctx ends
 	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
+	p.reportDrain(start, upgraded)
 	if err != nil {
 		return fmt.Errorf("graceful: drain: %w", err)
 	}
 	return nil
+}
+
+// reportDrain records the drain that began at start, and tells the
+// successor, if any, how it went.
+func (p *Process) reportDrain(start time.Time, upgraded bool) {
+	rep := drainReport{PID: os.Getpid(), Generation: p.generation()}
+	d := &rep.Drain
+	d.Duration = time.Since(start)
+	d.InFlight = int(p.drainInFlight.Load())
+	d.Goodbyes = int(p.goodbyed.Load())
+	p.mu.Lock()
+	for _, t := range p.trackers {
+		d.Handed += int(t.handed.Load())
+		d.NotHanded += int(t.kept.Load())
+		d.Retired += int(t.retired.Load())
+		d.Expired += int(t.expired.Load())
+		d.Forced += int(t.forced.Load())
+	}
+	p.mu.Unlock()
+	p.drainFinished(rep, false)
+	if upgraded && p.toSuccessor != nil {
+		b, _ := json.Marshal(rep)
+		p.toSuccessor.setDeadline(time.Now().Add(time.Second)) // past the drain's own deadline, maybe
+		if err := p.toSuccessor.sendControl(drainedMessage + " " + string(b)); err != nil {
+			p.log.Warn("cannot tell the new process how the drain went", "err", err)
+		}
+	}
+}
+
+// addTracker counts t's connections in the drain's figures.
+func (p *Process) addTracker(t *tracker) {
+	p.mu.Lock()
+	p.trackers = append(p.trackers, t)
+	p.mu.Unlock()
 }
 
 // drainRequested prepares the drain that a drain signal, ctx or the parent
@@ -161,7 +202,7 @@ func (p *Process) Goodbye(ctx context.Context) <-chan struct{} {
 		return nil
 	}
 	gate := goodbyeGate(ctx) // HTTP/2 under Serve: not before the GOAWAY
-	if p.opts.GoodbyeSpread <= 0 {
+	if p.opts.GoodbyeSpread <= 0 && p.events == nil {
 		if gate != nil {
 			return gate.Done() // done after the drain began, at Shutdown
 		}
@@ -183,6 +224,7 @@ func (p *Process) onGoodbye(ctx context.Context, f func()) {
 	p.mu.Lock()
 	if p.goodbyeAt {
 		p.mu.Unlock()
+		p.goodbyed.Add(1)
 		f()
 		return
 	}
@@ -208,6 +250,7 @@ func (p *Process) spreadGoodbyes() {
 	p.goodbyes = nil
 	ctx := p.drainCtx
 	p.mu.Unlock()
+	p.goodbyed.Add(int64(len(list)))
 	p.spreading.Add(1)
 	go func() {
 		defer p.spreading.Done()

@@ -27,6 +27,10 @@ const (
 // left and returning.
 const drainMargin = 5 * time.Second
 
+// eventFlushTimeout is how long Run waits for OnEvent to take the last
+// events.
+const eventFlushTimeout = 5 * time.Second
+
 // Errors callers may branch on. Every other error is wrapped under the
 // "graceful:" prefix.
 var (
@@ -112,6 +116,22 @@ type Options struct {
 	// Nil means SIGHUP; a non-nil empty slice means none.
 	UpgradeSignals []os.Signal
 
+	// OnEvent, when set, is told of each upgrade and drain as it happens
+	// (see [Event]): upgrades started, succeeded and failed, drains started
+	// and finished with what became of their connections, and, in a new
+	// process, how its predecessor drained. It is called on a goroutine of
+	// its own, one event at a time and in order, never on the upgrade or
+	// drain path: a slow OnEvent delays only later events, and past 1,024
+	// waiting ones, new ones are dropped and counted ([Event.Dropped]).
+	// [Process.Run] waits up to 5 s for the last ones before it returns.
+	// Nil costs nothing.
+	OnEvent func(Event)
+
+	// Version names the running build in [Process.Status] (the control
+	// socket's status). Empty means the main module's version and VCS
+	// revision, from the binary's build information.
+	Version string
+
 	// DrainSignals make [Process.Run] drain and return. One that arrives
 	// while an upgrade attempt runs waits for its outcome (a second one
 	// cancels the attempt); if the new process became ready, it is asked to
@@ -151,6 +171,15 @@ type Process struct {
 	attemptsOver bool           // Run has waited for them: no more (guarded by mu)
 	drainAsked   bool           // a drain was requested: no new attempt (guarded by mu)
 	spreading    sync.WaitGroup // the goodbye spreading
+
+	// What Status and the events report (events.go).
+	record   *record
+	events   *eventQueue  // nil without Options.OnEvent
+	trackers []*tracker   // every served listener's (guarded by mu)
+	inFlight atomic.Int64 // requests being served; counted only with events
+	goodbyed atomic.Int64 // goodbyes said
+
+	drainInFlight atomic.Int64 // inFlight as the drain began
 }
 
 // created guards the process-wide state: inherited descriptors and the
@@ -231,6 +260,10 @@ func New(opts Options) (*Process, error) {
 
 		attemptEnded: make(chan struct{}, 1),
 		parentAsked:  make(chan struct{}),
+		record:       newRecord(buildName(opts.Version)),
+	}
+	if opts.OnEvent != nil {
+		p.events = newEventQueue(opts.OnEvent)
 	}
 	p.health = newHealth(p.life, opts.CheckTimeout, opts.CheckCache)
 	p.life.beforeDrain = p.beginDrain
@@ -240,7 +273,7 @@ func New(opts Options) (*Process, error) {
 		return nil, err
 	}
 	if p.fromParent != nil {
-		p.fromParent.drainRequested = func() { p.askedOnce.Do(func() { close(p.parentAsked) }) }
+		p.fromParent.onControl = p.controlMessage
 	}
 	if opts.ControlSocket != "" {
 		if err := p.listenControl(opts.ControlSocket); err != nil {
@@ -317,6 +350,11 @@ func (p *Process) Run(ctx context.Context) error {
 		return errors.New("graceful: Run called twice")
 	}
 	defer p.life.enter(PhaseDone)
+	defer func() {
+		if !p.events.flush(eventFlushTimeout) {
+			p.log.Warn("OnEvent still busy; returning without its last events")
+		}
+	}()
 	upgradeSig := make(chan os.Signal, 1)
 	drainSig := make(chan os.Signal, 1)
 	if len(p.opts.UpgradeSignals) > 0 {
@@ -444,7 +482,8 @@ func (p *Process) declareReady() error {
 		return fmt.Errorf("graceful: notify parent: %w", err)
 	}
 	p.life.enter(PhaseServing)
-	p.log.Info("ready", "inherited", p.hasParent())
+	p.declaredServing()
+	p.log.Info("ready", "inherited", p.hasParent(), "generation", p.generation())
 	if p.hasParent() {
 		// Allowed with NotifyAccess=all; with a PID file the parent, still
 		// the main process, sends the same.

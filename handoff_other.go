@@ -9,7 +9,7 @@ import (
 
 // handoff is never made where descriptors cannot be passed: a nil one
 // cannot hand off.
-type handoff struct{ drainRequested func() }
+type handoff struct{ onControl func(string) }
 
 func (h *handoff) send(string, net.Conn) error { return errNoHandoff }
 
@@ -20,5 +20,7 @@ func (h *handoff) wait() {}
 func (h *handoff) setDeadline(time.Time) {}
 
 func (h *handoff) requestDrain() error { return errNoHandoff }
+
+func (h *handoff) sendControl(string) error { return errNoHandoff }
 
 func (h *handoff) close() {}

@@ -28,14 +28,10 @@ type handoff struct {
 	queue   []*outgoing // waiting for a message
 	sending bool        // a sender is emptying queue
 
-	// drainRequested, if set before receive, is called when the other end
-	// asks this process to drain (see requestDrain).
-	drainRequested func()
+	// onControl, if set before receive, is called with each control
+	// message (see events.go) the receive loop reads.
+	onControl func(msg string)
 }
-
-// drainRequest is the message, without descriptor, with which one end asks
-// the other to drain. No listener key starts with a NUL byte.
-const drainRequest = "\x00drain"
 
 // newHandoffPair makes a hand-off channel: ours, and the other end as a
 // file to pass to the other process. Both descriptors are close-on-exec;
@@ -197,9 +193,9 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 			if err != nil || n == 0 && oobn == 0 {
 				return // the other end is gone, or we close
 			}
-			if string(buf[:n]) == drainRequest && oobn == 0 {
-				if h.drainRequested != nil {
-					h.drainRequested()
+			if n > 0 && buf[0] == 0 && oobn == 0 {
+				if h.onControl != nil {
+					h.onControl(string(buf[:n]))
 				}
 				continue
 			}
@@ -360,12 +356,46 @@ func (h *handoff) wait() {
 
 // requestDrain asks the other end to drain, as if it had received a drain
 // signal.
-func (h *handoff) requestDrain() error {
+func (h *handoff) requestDrain() error { return h.sendControl(drainRequest) }
+
+// sendControl sends a control message (no descriptor; see events.go).
+func (h *handoff) sendControl(msg string) error {
 	if h == nil {
 		return errNoHandoff
 	}
-	_, _, err := h.conn.WriteMsgUnix([]byte(drainRequest), nil, nil)
+	_, _, err := h.conn.WriteMsgUnix([]byte(msg), nil, nil)
 	return err
+}
+
+// takeControl returns, without waiting, the control messages that wait at
+// our end, oldest first. It stops at a message that carries connections:
+// that one is the receive loop's. Call it only while no receive loop runs.
+func (h *handoff) takeControl() []string {
+	if h == nil {
+		return nil
+	}
+	raw, err := h.conn.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var msgs []string
+	buf := make([]byte, 64<<10)
+	raw.Control(func(fd uintptr) {
+		for {
+			// A peek of one byte consumes nothing and installs no
+			// descriptor (no room for them).
+			n, _, err := unix.Recvfrom(int(fd), buf[:1], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			if err != nil || n == 0 || buf[0] != 0 {
+				return
+			}
+			n, _, err = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+			if err != nil {
+				return
+			}
+			msgs = append(msgs, string(buf[:n]))
+		}
+	})
+	return msgs
 }
 
 // setDeadline bounds every send from now on: a peer that does not read by

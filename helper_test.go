@@ -104,6 +104,7 @@ func helperMain() int {
 	control := fs.String("control", "", "")
 	h2c := fs.Bool("h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
 	useTLS := fs.Bool("tls", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate")
+	eventsHook := fs.Bool("events-hook", false, "record every Options.OnEvent event (see hookEvent)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
@@ -116,6 +117,9 @@ func helperMain() int {
 	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, IdleGrace: *idleGrace, NoHandOff: *noHandOff, ControlSocket: *control}
 	if mode == modeCheckFail {
 		opts.UpgradeTimeout = time.Hour // the parent's timeout must be what ends it
+	}
+	if *eventsHook {
+		opts.OnEvent = func(e graceful.Event) { ev.add(hookEvent(e)) }
 	}
 	p, err := graceful.New(opts)
 	if err != nil {
@@ -209,6 +213,14 @@ const (
 	evPanicking    = "panicking"     // a panic "as told" comes next
 	evChecking     = "checking"      // a pre-ready check ran (modes checkfail, slowready)
 )
+
+// hookEvent is how a helper records an Options.OnEvent event: "hook
+// <kind> key=value ...", keys in a fixed order.
+func hookEvent(e graceful.Event) string {
+	d, t := e.Drain, e.Totals
+	return fmt.Sprintf("hook %s pid=%d gen=%d new=%d err=%t in-flight=%d handed=%d not-handed=%d retired=%d expired=%d forced=%d goodbyes=%d succeeded=%d failed=%d drains=%d",
+		e.Kind, e.PID, e.Generation, e.NewPID, e.Err != nil, d.InFlight, d.Handed, d.NotHanded, d.Retired, d.Expired, d.Forced, d.Goodbyes, t.Succeeded, t.Failed, t.Drains)
+}
 
 // eventLog appends events; a nil *eventLog drops them.
 type eventLog struct {

@@ -25,9 +25,18 @@ func (p *Process) ServeConns(ln net.Listener, handle func(ctx context.Context, c
 	if handle == nil {
 		panic("graceful: ServeConns with nil handle")
 	}
+	p.serveConns(ln, handle, false)
+}
+
+// serveConns is ServeConns; an internal server (the control socket) is
+// left out of the drain's figures.
+func (p *Process) serveConns(ln net.Listener, handle func(ctx context.Context, c net.Conn), internal bool) {
 	t := newTracker(ln.Addr().String())
 	t.raw = true
-	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{})}
+	if !internal {
+		p.addTracker(t)
+	}
+	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{}), counted: !internal && p.events != nil}
 	p.addListener(ln, s.ln)
 	// Connections the parent hands over with HandOff.
 	if s.inbox, s.inboxLn = p.registerInbox(ln, t); s.inbox != nil {
@@ -82,6 +91,7 @@ type connServer struct {
 	inbox    *inbox           // connections handed over by the parent
 	inboxLn  *trackedListener // inbox, tracked
 	received chan struct{}    // closed when inbox is done accepting
+	counted  bool             // handlers count as requests in flight (events.go)
 }
 
 func (s *connServer) run() error {
@@ -126,8 +136,14 @@ func (s *connServer) accept(ln *trackedListener) error {
 		// (a connection our parent handed over late).
 		s.p.onGoodbye(ctx, cancel)
 		s.handlers.Add(1)
+		if s.counted {
+			s.p.inFlight.Add(1)
+		}
 		go func() {
 			defer s.handlers.Done()
+			if s.counted {
+				defer s.p.inFlight.Add(-1)
+			}
 			defer cancel()
 			defer c.Close()
 			s.handle(ctx, c)
@@ -153,6 +169,7 @@ func (s *connServer) stop(ctx context.Context) error {
 	}
 	if err := s.t.waitEmpty(ctx); err != nil {
 		n := s.t.closeAll()
+		s.t.forced.Add(int64(n))
 		s.p.log.Warn("drain deadline: connections force-closed", "addr", s.t.key, "conns", n)
 	}
 	s.handlers.Wait()

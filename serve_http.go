@@ -42,6 +42,7 @@ import (
 // the connection is being claimed is served here first.
 func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 	t := newTracker(ln.Addr().String())
+	p.addTracker(t)
 	s := &httpServer{p: p, srv: srv, ln: &trackedListener{Listener: ln, t: t}, t: t, tls: srv.TLSConfig != nil}
 	s.goaway, s.goawaySent = context.WithCancel(context.Background())
 	// HTTP/2 connections get GOAWAY from Shutdown; streams on them are told
@@ -82,6 +83,10 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 			// connection that can be handed to the successor stays open: it
 			// is passed on when it next goes idle.)
 			w.Header().Set("Connection", "close")
+		}
+		if p.events != nil {
+			p.inFlight.Add(1)
+			defer p.inFlight.Add(-1)
 		}
 		next.ServeHTTP(w, r)
 	})
@@ -205,7 +210,9 @@ func (s *httpServer) stop(ctx context.Context) error {
 		// The deadline: what is left is closed, hijacked connections too.
 		s.goawaySent() // Close runs no shutdown hooks
 		s.srv.Close()
-		if n := s.t.closeAll(); n > 0 {
+		n := s.t.closeAll()
+		s.t.forced.Add(int64(n))
+		if n > 0 {
 			log.Warn("drain deadline: connections force-closed", "addr", s.t.key, "conns", n)
 		}
 	}

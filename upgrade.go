@@ -62,11 +62,13 @@ func (p *Process) Upgrade(ctx context.Context) error {
 	start := time.Now()
 	p.log.Info("upgrade starting")
 	p.notify("RELOADING=1", monotonicUsec(), status("upgrading: starting a new process"))
+	state := p.beginAttempt(start)
 	result := make(chan error, 1)
 	handedOver = true
 	go func() {
 		defer p.attempts.Done()
-		result <- p.finishUpgrade(start, p.upgrade())
+		newPID, err := p.upgrade(state)
+		result <- p.finishUpgrade(start, newPID, err)
 	}()
 	select {
 	case err := <-result:
@@ -78,10 +80,13 @@ func (p *Process) Upgrade(ctx context.Context) error {
 
 // finishUpgrade moves the lifecycle on after an attempt: to HandingOver on
 // success, back to Serving on failure (unless a drain began meanwhile).
-func (p *Process) finishUpgrade(start time.Time, err error) error {
+func (p *Process) finishUpgrade(start time.Time, newPID int, err error) error {
 	defer p.attemptEnd()
 	if err != nil {
 		err = fmt.Errorf("graceful: upgrade: %w", err)
+	}
+	p.endAttempt(start, newPID, err)
+	if err != nil {
 		// A new process that wrote the PID file and then failed (or was
 		// killed by our drain) is dead: the file names this process again
 		// (before the phase moves back: no new attempt can start and write

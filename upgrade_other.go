@@ -25,7 +25,7 @@ func (p *Process) listenPacket(network, addr string) (net.PacketConn, error) {
 
 func (p *Process) waitPrevious() error { return ErrNotSupported }
 
-func (p *Process) upgrade() error { return ErrNotSupported }
+func (p *Process) upgrade([]byte) (int, error) { return 0, ErrNotSupported }
 
 func (p *Process) waitParent(context.Context) {}
 

@@ -116,8 +116,20 @@ func (p *Process) openHandoffs() error {
 		return err // a parent without hand-off: nothing to receive
 	}
 	defer f.Close()
-	p.fromParent, err = handoffFromFile(f, p.log)
-	return err
+	if p.fromParent, err = handoffFromFile(f, p.log); err != nil {
+		return err
+	}
+	// The parent's record waits for us (the last one: an earlier child
+	// that failed may have left its own unread).
+	for _, msg := range p.fromParent.takeControl() {
+		if body, ok := strings.CutPrefix(msg, stateMessage+" "); ok {
+			p.inherit(body)
+		}
+	}
+	if err := p.fromParent.sendControl(helloMessage + " " + strconv.Itoa(os.Getpid())); err != nil {
+		p.log.Warn("cannot tell the previous process our PID", "err", err)
+	}
+	return nil
 }
 
 func (p *Process) hasParent() bool { return p.plat.upg.HasParent() }
@@ -163,12 +175,27 @@ func (p *Process) waitPrevious() error {
 }
 
 // upgrade runs tableflip's Upgrade: the child starts, inherits every
-// listener and the hand-off channel, and declares itself ready or fails.
-func (p *Process) upgrade() error {
+// listener and the hand-off channel, on which state waits for it, and
+// declares itself ready or fails. It returns the child's PID if the child
+// said it.
+func (p *Process) upgrade(state []byte) (newPID int, err error) {
+	if p.toSuccessor != nil {
+		p.toSuccessor.takeControl() // what an earlier, failed child said
+		if err := p.toSuccessor.sendControl(stateMessage + " " + string(state)); err != nil {
+			p.log.Warn("cannot pass the upgrade record to the new process", "err", err)
+		}
+	}
+	defer func() {
+		for _, msg := range p.toSuccessor.takeControl() {
+			if pid, ok := strings.CutPrefix(msg, helloMessage+" "); ok {
+				newPID, _ = strconv.Atoi(pid)
+			}
+		}
+	}()
 	for i := 0; ; i++ {
 		err := p.plat.upg.Upgrade()
 		if err == nil || i == 100 || !tableflipLagging(err) {
-			return err
+			return 0, err
 		}
 		time.Sleep(time.Millisecond)
 	}

@@ -7,12 +7,15 @@ package control
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"strings"
 	"time"
+
+	"github.com/graceful-go/graceful"
 )
 
 // Upgrade asks the process serving the control socket at path to upgrade
@@ -29,6 +32,23 @@ func Upgrade(ctx context.Context, path string) (string, error) {
 // the process at the control socket at path answers it.
 func Status(ctx context.Context, path string) (string, error) {
 	return do(ctx, path, "status")
+}
+
+// Details returns what the process at the control socket at path reports
+// of itself ([github.com/graceful-go/graceful.Process.Status]): PID,
+// generation, build, start time, phase, the last upgrades and the totals.
+// A process of a version that does not know the request answers with an
+// error naming it as unknown.
+func Details(ctx context.Context, path string) (graceful.Status, error) {
+	var st graceful.Status
+	msg, err := do(ctx, path, "status-json")
+	if err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal([]byte(msg), &st); err != nil {
+		return st, fmt.Errorf("control: status-json: %w", err)
+	}
+	return st, nil
 }
 
 func do(ctx context.Context, path, command string) (string, error) {

@@ -7,6 +7,12 @@
 //
 //	gracefulctl -socket /run/myapi/control.sock upgrade
 //	gracefulctl -socket /run/myapi/control.sock status
+//	gracefulctl -socket /run/myapi/control.sock status -json
+//
+// status prints "pid N PHASE" on its first line, then the generation, the
+// build, the uptime and the last upgrades with their outcomes and timings;
+// -json prints the whole record as JSON, for machines. (A server of a
+// version before the record prints the first line only.)
 //
 // Exit codes: 0 success, 1 the process answered with an error or could not
 // be reached, 2 bad usage.
@@ -14,14 +20,17 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
+	"github.com/graceful-go/graceful"
 	"github.com/graceful-go/graceful/control"
 )
 
@@ -35,20 +44,32 @@ func run(args []string, stdout, stderr io.Writer) int {
 	socket := fs.String("socket", "", "path of the server's control socket (required)")
 	timeout := fs.Duration("timeout", 0, "give up waiting after this long (0: wait for the server's answer, which its UpgradeTimeout bounds)")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: gracefulctl -socket PATH [-timeout D] upgrade|status\n")
+		fmt.Fprintf(stderr, "usage: gracefulctl -socket PATH [-timeout D] upgrade|status [-json]\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *socket == "" || fs.NArg() != 1 {
+	if *socket == "" || fs.NArg() < 1 {
 		fs.Usage()
 		return 2
 	}
 	cmd := fs.Arg(0)
-	commands := map[string]func(context.Context, string) (string, error){"upgrade": control.Upgrade, "status": control.Status}
-	do, ok := commands[cmd]
-	if !ok {
+	var asJSON bool
+	switch {
+	case cmd == "status":
+		sub := flag.NewFlagSet("gracefulctl status", flag.ContinueOnError)
+		sub.SetOutput(stderr)
+		sub.BoolVar(&asJSON, "json", false, "print the whole status record as JSON")
+		if err := sub.Parse(fs.Args()[1:]); err != nil || sub.NArg() > 0 {
+			fs.Usage()
+			return 2
+		}
+	case cmd == "upgrade" && fs.NArg() == 1:
+	case cmd == "upgrade":
+		fs.Usage()
+		return 2
+	default:
 		fmt.Fprintf(stderr, "gracefulctl: unknown command %q (want upgrade or status)\n", cmd)
 		return 2
 	}
@@ -60,11 +81,67 @@ func run(args []string, stdout, stderr io.Writer) int {
 		defer cancel()
 	}
 	start := time.Now()
-	msg, err := do(ctx, *socket)
+	var msg string
+	var err error
+	switch cmd {
+	case "upgrade":
+		msg, err = control.Upgrade(ctx, *socket)
+	case "status":
+		msg, err = status(ctx, *socket, asJSON)
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "gracefulctl: %s failed after %v: %v\n", cmd, time.Since(start).Round(time.Millisecond), err)
 		return 1
 	}
 	fmt.Fprintln(stdout, msg)
 	return 0
+}
+
+// status returns the status report: JSON, or for people.
+func status(ctx context.Context, socket string, asJSON bool) (string, error) {
+	st, err := control.Details(ctx, socket)
+	if err != nil && !asJSON && strings.Contains(err.Error(), "unknown command") {
+		return control.Status(ctx, socket) // an older server
+	}
+	if err != nil {
+		return "", err
+	}
+	if asJSON {
+		b, err := json.MarshalIndent(st, "", "  ")
+		return string(b), err
+	}
+	return describe(st, time.Now()), nil
+}
+
+// describe formats st for people; now is when it is read.
+func describe(st graceful.Status, now time.Time) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "pid %d %s\n", st.PID, st.Phase)
+	fmt.Fprintf(&b, "generation %d, build %s, up %v\n", st.Generation, st.Build, now.Sub(st.Started).Round(time.Second))
+	t := st.Totals
+	fmt.Fprintf(&b, "upgrades: %d succeeded, %d failed; drains: %d (connections handed %d, not handed %d, retired %d, expired %d, forced %d)",
+		t.Succeeded, t.Failed, t.Drains, t.Drain.Handed, t.Drain.NotHanded, t.Drain.Retired, t.Drain.Expired, t.Drain.Forced)
+	if len(st.Upgrades) > 0 {
+		fmt.Fprintf(&b, "\nlast %d upgrades, oldest first:", len(st.Upgrades))
+	}
+	for _, u := range st.Upgrades {
+		fmt.Fprintf(&b, "\n  %s  %-11s  pid %d -> ", u.Started.Local().Format(time.DateTime), u.Outcome, u.OldPID)
+		if u.NewPID != 0 {
+			fmt.Fprintf(&b, "%d", u.NewPID)
+		} else {
+			b.WriteString("?")
+		}
+		fmt.Fprintf(&b, " (generation %d)", u.Generation)
+		switch u.Outcome {
+		case graceful.OutcomeSucceeded:
+			fmt.Fprintf(&b, ", ready after %v", u.Duration.Round(time.Millisecond))
+		case graceful.OutcomeFailed:
+			fmt.Fprintf(&b, ", after %v: %s", u.Duration.Round(time.Millisecond), u.Err)
+		}
+		if d := u.Drain; d != nil {
+			fmt.Fprintf(&b, "; old drained in %v: %d in flight, %d handed, %d retired, %d forced",
+				d.Duration.Round(time.Millisecond), d.InFlight, d.Handed, d.Retired, d.Forced)
+		}
+	}
+	return b.String()
 }

@@ -3,17 +3,20 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/graceful-go/graceful"
 	"github.com/graceful-go/graceful/internal/loadtest"
 )
 
@@ -72,7 +75,11 @@ func TestReload(t *testing.T) {
 	assert.Contains(t, stderr, "exit status 3")
 	stdout, _, code := gracefulctl("-socket", sock, "status")
 	assert.Equal(t, 0, code)
-	assert.Equal(t, "pid "+strconv.Itoa(old)+" serving\n", stdout, "the old process serves on")
+	first, rest, _ := strings.Cut(stdout, "\n")
+	assert.Equal(t, "pid "+strconv.Itoa(old)+" serving", first, "the old process serves on")
+	assert.Contains(t, rest, "generation 1, build ")
+	assert.Contains(t, rest, "upgrades: 0 succeeded, 1 failed")
+	assert.Regexp(t, `failed +pid `+strconv.Itoa(old)+` -> \? \(generation 2\), after .*exit status 3`, rest)
 
 	deploy(good)
 	stdout, stderr, code = gracefulctl("-socket", sock, "upgrade")
@@ -86,7 +93,39 @@ func TestReload(t *testing.T) {
 	srv.Follow()
 	stdout, _, code = gracefulctl("-socket", sock, "-timeout", "5s", "status")
 	assert.Equal(t, 0, code)
-	assert.Equal(t, "pid "+strconv.Itoa(successor)+" serving\n", stdout)
+	first, _, _ = strings.Cut(stdout, "\n")
+	assert.Equal(t, "pid "+strconv.Itoa(successor)+" serving", first)
+
+	// The new process knows the upgrades that led to it, the failed one
+	// too, and hears how the old one drained (told before it exited; the
+	// new one reads it in its own time).
+	var st graceful.Status
+	for i := 0; ; i++ {
+		stdout, stderr, code = gracefulctl("-socket", sock, "status", "-json")
+		require.Equal(t, 0, code, stderr)
+		require.NoError(t, json.Unmarshal([]byte(stdout), &st), stdout)
+		if len(st.Upgrades) == 2 && st.Upgrades[1].Drain != nil || i == 100 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	assert.Equal(t, successor, st.PID)
+	assert.Equal(t, 2, st.Generation)
+	assert.Equal(t, graceful.PhaseServing, st.Phase)
+	require.Len(t, st.Upgrades, 2, stdout)
+	assert.Equal(t, graceful.OutcomeFailed, st.Upgrades[0].Outcome)
+	assert.Contains(t, st.Upgrades[0].Err, "exit status 3")
+	u := st.Upgrades[1]
+	assert.Equal(t, graceful.OutcomeSucceeded, u.Outcome)
+	assert.Equal(t, old, u.OldPID)
+	assert.Equal(t, successor, u.NewPID)
+	assert.Positive(t, u.Duration)
+	if assert.NotNil(t, u.Drain, "the old process's drain report") {
+		assert.Positive(t, u.Drain.Duration)
+	}
+	assert.Equal(t, graceful.Totals{Succeeded: 1, Failed: 1, Drains: 1, Drain: *u.Drain}, st.Totals)
+	_, stderr, code = gracefulctl("-socket", sock, "status", "-yaml")
+	assert.Equal(t, 2, code, stderr)
 	if t.Failed() {
 		b, _ := os.ReadFile(logs.Name())
 		t.Logf("server logs:\n%s", b)
