@@ -12,13 +12,20 @@
 //	GET  /ws        WebSocket echo; at drain closes with 1012 (service restart)
 //	GET  /readyz    200 while ready, 503 while draining
 //	GET  /livez     200
+//	GET  /metrics   Prometheus metrics: graceful_* (package gracefulprom),
+//	                go_* and process_* (descriptors, threads, memory)
 //	SIGHUP upgrades in place; SIGTERM drains and exits 0.
 //
 // Further flags: -drain-timeout, -upgrade-timeout, -drain-delay,
 // -control path (a control socket for gracefulctl: "upgrade" answers with
 // the outcome), -goodbye-spread (stream goodbyes spread over that long),
 // -idle-grace, -no-handoff, -h2c (HTTP/2 without TLS too), -tls-self-signed
-// (HTTPS with HTTP/2, certificate made at start).
+// (HTTPS with HTTP/2, certificate made at start), -metrics=false (no
+// events hook and no /metrics: the server as without them).
+//
+// Build-time variables (go build -ldflags "-X main.version=v2"): version
+// names the build in the control socket's status and, when set, is sent
+// as an X-Version header.
 package main
 
 import (
@@ -34,10 +41,17 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/gracefulprom"
 	"github.com/graceful-go/graceful/internal/selfsigned"
 )
+
+// version is set at build time (see the package doc).
+var version string
 
 // config is what the command line sets.
 type config struct {
@@ -46,6 +60,7 @@ type config struct {
 	spread, idleGrace      time.Duration
 	h2c, selfSigned        bool
 	noHandOff              bool
+	metrics                bool
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -62,6 +77,7 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.BoolVar(&c.h2c, "h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
 	fs.BoolVar(&c.noHandOff, "no-handoff", false, "at upgrades, close idle connections instead of handing them to the new process")
 	fs.BoolVar(&c.selfSigned, "tls-self-signed", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a fresh self-signed certificate, for tests and benchmarks")
+	fs.BoolVar(&c.metrics, "metrics", true, "export Prometheus metrics at GET /metrics (the events hook is set)")
 	return c
 }
 
@@ -84,6 +100,7 @@ func main() {
 		GoodbyeSpread:  c.spread,
 		IdleGrace:      c.idleGrace,
 		NoHandOff:      c.noHandOff,
+		Version:        version,
 	}
 	if err := run(opts, c); err != nil {
 		log.Error("exiting", "err", err)
@@ -92,6 +109,14 @@ func main() {
 }
 
 func run(opts graceful.Options, c *config) error {
+	var metrics http.Handler
+	if c.metrics {
+		m := gracefulprom.New()
+		opts.OnEvent = m.Observe
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(m, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		metrics = promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	}
 	p, err := graceful.New(opts)
 	if err != nil {
 		return err
@@ -100,7 +125,7 @@ func run(opts graceful.Options, c *config) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: routes(p), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: routes(p, metrics), ReadHeaderTimeout: 10 * time.Second}
 	if c.h2c {
 		srv.Protocols = new(http.Protocols)
 		srv.Protocols.SetHTTP1(true)
@@ -117,9 +142,13 @@ func run(opts graceful.Options, c *config) error {
 	return p.Run(context.Background())
 }
 
-func routes(p *graceful.Process) http.Handler {
+// routes serves the contract; metrics, if not nil, at /metrics.
+func routes(p *graceful.Process, metrics http.Handler) http.Handler {
 	pid := strconv.Itoa(os.Getpid())
 	mux := http.NewServeMux()
+	if metrics != nil {
+		mux.Handle("GET /metrics", metrics)
+	}
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Pid", pid)
 		io.WriteString(w, "ok")
@@ -153,7 +182,13 @@ func routes(p *graceful.Process) http.Handler {
 	mux.HandleFunc("GET /ws", echoWS)
 	mux.Handle("GET /readyz", p.Health().Readiness())
 	mux.Handle("GET /livez", p.Health().Liveness())
-	return mux
+	if version == "" {
+		return mux
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Version", version)
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // sse ticks every 100 ms until its goodbye (the drain, spread by

@@ -129,3 +129,50 @@ func getOn(t *testing.T, conn net.Conn, r *bufio.Reader, path string) *http.Resp
 	resp.Body.Close()
 	return resp
 }
+
+// TestMetrics: after an upgrade, the new process's /metrics counts it, with
+// its duration, and its predecessor's drain with the idle connections it
+// handed over; -metrics=false serves no /metrics.
+func TestMetrics(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	srv := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/httpserver", loadtest.Config{})
+	m, err := loadtest.Scrape(ctx, srv.Addr)
+	require.NoError(t, err)
+	assert.Equal(t, 1.0, m["graceful_generation"])
+	assert.Equal(t, 0.0, m[`graceful_upgrades_total{outcome="succeeded"}`])
+	assert.Positive(t, m["process_open_fds"])
+	assert.Positive(t, m["go_goroutines"])
+
+	for range 3 { // idle keep-alive connections, handed over at the upgrade
+		c, err := net.Dial("tcp", srv.Addr)
+		require.NoError(t, err)
+		defer c.Close()
+		getOn(t, c, bufio.NewReader(c), "/")
+	}
+	_, err = srv.Upgrade(ctx, time.Minute)
+	require.NoError(t, err)
+	// The old process reported its drain before it exited; the new one
+	// takes it in its own time.
+	for i := 0; ; i++ {
+		m, err = loadtest.Scrape(ctx, srv.Addr)
+		require.NoError(t, err)
+		if m["graceful_drains_total"] == 1 || i == 200 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	assert.Equal(t, 2.0, m["graceful_generation"])
+	assert.Equal(t, 1.0, m[`graceful_upgrades_total{outcome="succeeded"}`])
+	assert.Equal(t, 0.0, m[`graceful_upgrades_total{outcome="failed"}`])
+	assert.Equal(t, 1.0, m[`graceful_upgrade_duration_seconds_count{outcome="succeeded"}`])
+	assert.Positive(t, m[`graceful_upgrade_duration_seconds_sum{outcome="succeeded"}`])
+	assert.Equal(t, 1.0, m["graceful_drains_total"])
+	assert.Equal(t, 1.0, m["graceful_drain_duration_seconds_count"])
+	assert.GreaterOrEqual(t, m[`graceful_drain_connections_total{fate="handed"}`], 3.0)
+	assert.Equal(t, 0.0, m[`graceful_drain_connections_total{fate="forced"}`])
+
+	off := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/httpserver", loadtest.Config{Args: []string{"-metrics=false"}})
+	_, err = loadtest.Scrape(ctx, off.Addr)
+	assert.ErrorContains(t, err, "404")
+}
