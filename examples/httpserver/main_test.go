@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -175,4 +176,65 @@ func TestMetrics(t *testing.T) {
 	off := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/httpserver", loadtest.Config{Args: []string{"-metrics=false"}})
 	_, err = loadtest.Scrape(ctx, off.Addr)
 	assert.ErrorContains(t, err, "404")
+}
+
+// TestLeakGate is the short form of BenchmarkLeakGate: 20 upgrades under
+// steady mixed load lose no request, leave no process behind, and the
+// serving process holds, once the load is gone, no more descriptors or
+// goroutines than the second generation did before it (the first has no
+// predecessor to receive from, so the second is the steady state).
+func TestLeakGate(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	srv := loadtest.StartPackage(t, "github.com/graceful-go/graceful/examples/httpserver", loadtest.Config{})
+	first := srv.PID()
+	_, err := srv.Upgrade(ctx, time.Minute)
+	require.NoError(t, err)
+	srv.Follow()
+	before, err := settled(ctx, srv, loadtest.Resources{FDs: 1 << 30, Goroutines: 1 << 30})
+	require.NoError(t, err)
+
+	load := loadtest.StartLoad(srv.Addr, loadtest.Mix{KeepAliveGET: 4, KeepAlivePOST: 2, FreshGET: 2, Slow: 2, SSE: 2, WS: 2})
+	pids := []int{first, srv.PID()}
+	for i := range 20 {
+		u, err := srv.Upgrade(ctx, time.Minute)
+		require.NoError(t, err, "upgrade %d", i)
+		assert.Equal(t, 0, u.ExitCode)
+		srv.Follow()
+		pids = append(pids, u.NewPID)
+		r, err := loadtest.Measure(ctx, u.NewPID, srv.Addr)
+		require.NoError(t, err)
+		t.Logf("generation %d under load: %d descriptors, %d goroutines, %d threads, %d KiB", i+3, r.FDs, r.Goroutines, r.Threads, r.RSSKiB)
+	}
+	stats := load.Stop()
+	assert.Zero(t, stats.Failed(), "failed requests: %v %v", stats.Failures, stats.Samples)
+
+	after, err := settled(ctx, srv, before)
+	assert.NoError(t, err, "the last generation, with the load gone, holds more than the second did: %+v, before %+v", after, before)
+	for _, pid := range pids[:len(pids)-1] {
+		assert.False(t, loadtest.Alive(pid), "generation %d is still running", pid)
+	}
+}
+
+// settled waits until the serving process holds at most what limit says,
+// give or take the scrape's own connection (two descriptors, three
+// goroutines), and returns what it holds; an error if it never does within
+// 10 s. Closed clients take a moment to be seen closed.
+func settled(ctx context.Context, srv *loadtest.Server, limit loadtest.Resources) (loadtest.Resources, error) {
+	var r loadtest.Resources
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		var err error
+		r, err = loadtest.Measure(ctx, srv.PID(), srv.Addr)
+		if err != nil {
+			return r, err
+		}
+		if r.FDs <= limit.FDs+2 && r.Goroutines <= limit.Goroutines+3 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if r.FDs > limit.FDs+2 || r.Goroutines > limit.Goroutines+3 {
+		return r, fmt.Errorf("holds %d descriptors and %d goroutines", r.FDs, r.Goroutines)
+	}
+	return r, nil
 }

@@ -680,3 +680,71 @@ func handOffThroughput(b *testing.B, n int, busy bool) {
 	b.ReportMetric(float64(ready.Milliseconds()), "ms-to-ready")
 	b.ReportMetric(float64(oldExit.Milliseconds()), "ms-to-old-exit")
 }
+
+// BenchmarkLeakGate upgrades the reference server 500 times under steady
+// mixed load and records, for each generation once its predecessor has
+// exited, the descriptors, threads, goroutines and resident memory of the
+// serving process. It reports the least-squares slope of each per
+// generation (the target is 0: what one generation holds, the next holds
+// too), the processes left behind, and the failed requests.
+// TestLeakGate (examples/httpserver) is its short form.
+func BenchmarkLeakGate(b *testing.B) {
+	const upgrades = 500
+	for range b.N {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+		srv := startReference(b, nil, false)
+		load := loadtest.StartLoad(srv.Addr, loadtest.Mix{KeepAliveGET: 4, KeepAlivePOST: 2, FreshGET: 2, Slow: 2, SSE: 2, WS: 2})
+		var fds, threads, goroutines, rss []float64
+		pids := []int{srv.PID()}
+		for i := range upgrades {
+			u, err := srv.Upgrade(ctx, time.Minute)
+			if err != nil {
+				b.Fatalf("upgrade %d: %v", i, err)
+			}
+			srv.Follow()
+			pids = append(pids, u.NewPID)
+			r, err := loadtest.Measure(ctx, u.NewPID, srv.Addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			fds = append(fds, float64(r.FDs))
+			threads = append(threads, float64(r.Threads))
+			goroutines = append(goroutines, float64(r.Goroutines))
+			rss = append(rss, float64(r.RSSKiB))
+		}
+		stats := load.Stop()
+		left := 0
+		for _, pid := range pids[:len(pids)-1] {
+			if loadtest.Alive(pid) {
+				left++
+			}
+		}
+		cancel()
+		b.ReportMetric(slope(fds), "fds/gen")
+		b.ReportMetric(slope(goroutines), "goroutines/gen")
+		b.ReportMetric(slope(threads), "threads/gen")
+		b.ReportMetric(slope(rss), "KiB-RSS/gen")
+		b.ReportMetric(float64(left), "processes-left")
+		b.ReportMetric(float64(stats.Failed()), "failed")
+		b.ReportMetric(float64(stats.Requests), "requests")
+		b.Logf("first/last generation: %v/%v descriptors, %v/%v goroutines, %v/%v threads, %v/%v KiB",
+			fds[0], fds[len(fds)-1], goroutines[0], goroutines[len(goroutines)-1], threads[0], threads[len(threads)-1], rss[0], rss[len(rss)-1])
+	}
+}
+
+// slope is the least-squares slope of ys against their index.
+func slope(ys []float64) float64 {
+	n := float64(len(ys))
+	var sx, sy, sxx, sxy float64
+	for i, y := range ys {
+		x := float64(i)
+		sx += x
+		sy += y
+		sxx += x * x
+		sxy += x * y
+	}
+	if d := n*sxx - sx*sx; d != 0 {
+		return (n*sxy - sx*sy) / d
+	}
+	return 0
+}

@@ -17,7 +17,9 @@ func Scrape(ctx context.Context, addr string) (map[string]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	// A connection of its own, closed after: a scrape must not leave an
+	// idle connection counted in what it measures.
+	resp, err := (&http.Client{Transport: &http.Transport{DisableKeepAlives: true}}).Do(req)
 	if err != nil {
 		return nil, err
 	}
@@ -44,4 +46,25 @@ func Scrape(ctx context.Context, addr string) (map[string]float64, error) {
 		out[line[:i]] = v
 	}
 	return out, sc.Err()
+}
+
+// Resources is what one server process holds.
+type Resources struct {
+	FDs, Threads, Goroutines int
+	RSSKiB                   int64
+}
+
+// Measure reads what process pid holds: descriptors, threads and resident
+// memory from /proc, goroutines (go_goroutines) from the /metrics that
+// addr serves, which must be pid's.
+func Measure(ctx context.Context, pid int, addr string) (Resources, error) {
+	m, err := Scrape(ctx, addr)
+	if err != nil {
+		return Resources{}, err
+	}
+	r := Resources{FDs: OpenFDs(pid), Threads: int(ProcStatus(pid, "Threads")), Goroutines: int(m["go_goroutines"]), RSSKiB: ProcStatus(pid, "VmRSS")}
+	if r.FDs < 0 {
+		return r, fmt.Errorf("process %d: descriptors unreadable", pid)
+	}
+	return r, nil
 }

@@ -63,7 +63,16 @@ func Alive(pid int) bool {
 	return len(f) > 0 && f[0] != "Z"
 }
 
-// ProcStatus returns a kB field ("VmRSS", "VmHWM", ...) of
+// OpenFDs returns how many descriptors pid has open, or -1.
+func OpenFDs(pid int) int {
+	entries, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/fd")
+	if err != nil {
+		return -1
+	}
+	return len(entries)
+}
+
+// ProcStatus returns a field ("VmRSS", "VmHWM" in kB, "Threads", ...) of
 // /proc/pid/status, or 0.
 func ProcStatus(pid int, field string) int64 {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")

@@ -19,5 +19,7 @@ func Alive(pid int) bool { return false }
 // ProcStatus is not implemented outside Linux.
 func ProcStatus(pid int, field string) int64 { return 0 }
 
+func OpenFDs(pid int) int { return -1 }
+
 // WatchPeakRSS is not implemented outside Linux: the peak is 0.
 func WatchPeakRSS(pid int) func() int64 { return func() int64 { return 0 } }
