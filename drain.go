@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"os"
+	"slices"
 	"time"
 )
 
@@ -34,7 +36,9 @@ func (p *Process) beginDrain() {
 	// Sends to the successor wait for it until the deadline (see setDeadline).
 	deadline, _ := ctx.Deadline()
 	p.toSuccessor.setDeadline(deadline)
-	p.drainInFlight.Store(p.inFlight.Load())
+	if p.events != nil {
+		p.drainInFlight.Store(int64(p.inFlight()))
+	}
 	p.group.beginStop(ctx, p.closeListeners)
 }
 
@@ -109,6 +113,27 @@ func (p *Process) reportDrain(start time.Time, upgraded bool) {
 			p.log.Warn("cannot tell the new process how the drain went", "err", err)
 		}
 	}
+}
+
+// inFlight counts the requests being served: the connections with one in
+// flight (under Serve; an HTTP/2 connection with streams counts once) and
+// those being handled (ServeConns). It reads the connection states the
+// trackers keep anyway, so that serving costs nothing more with events.
+func (p *Process) inFlight() int {
+	p.mu.Lock()
+	trackers := slices.Clone(p.trackers)
+	p.mu.Unlock()
+	n := 0
+	for _, t := range trackers {
+		t.mu.Lock()
+		for c := range t.conns {
+			if t.raw || c.http == http.StateActive {
+				n++
+			}
+		}
+		t.mu.Unlock()
+	}
+	return n
 }
 
 // addTracker counts t's connections in the drain's figures.

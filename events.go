@@ -74,10 +74,13 @@ type Event struct {
 	Dropped int
 }
 
-// DrainStats is what became of one drain's connections.
+// DrainStats is what became of one drain's connections. InFlight counts
+// the connections with a request in flight under [Process.Serve] (an
+// HTTP/2 connection with streams counts once) and the connections being
+// handled under [Process.ServeConns].
 type DrainStats struct {
 	Duration  time.Duration `json:"duration_ns"`
-	InFlight  int           `json:"in_flight"`  // requests (Serve) and connections (ServeConns) being served as the drain began
+	InFlight  int           `json:"in_flight"`  // requests being served as the drain began (see below)
 	Handed    int           `json:"handed"`     // idle connections passed to the new process
 	NotHanded int           `json:"not_handed"` // connections that could not be passed on, closed instead
 	Retired   int           `json:"retired"`    // idle keep-alive connections closed cleanly (FIN)

@@ -176,10 +176,9 @@ type Process struct {
 	record   *record
 	events   *eventQueue  // nil without Options.OnEvent
 	trackers []*tracker   // every served listener's (guarded by mu)
-	inFlight atomic.Int64 // requests being served; counted only with events
 	goodbyed atomic.Int64 // goodbyes said
 
-	drainInFlight atomic.Int64 // inFlight as the drain began
+	drainInFlight atomic.Int64 // requests in flight as the drain began (with events only)
 }
 
 // created guards the process-wide state: inherited descriptors and the

@@ -36,7 +36,7 @@ func (p *Process) serveConns(ln net.Listener, handle func(ctx context.Context, c
 	if !internal {
 		p.addTracker(t)
 	}
-	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{}), counted: !internal && p.events != nil}
+	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{})}
 	p.addListener(ln, s.ln)
 	// Connections the parent hands over with HandOff.
 	if s.inbox, s.inboxLn = p.registerInbox(ln, t); s.inbox != nil {
@@ -91,7 +91,6 @@ type connServer struct {
 	inbox    *inbox           // connections handed over by the parent
 	inboxLn  *trackedListener // inbox, tracked
 	received chan struct{}    // closed when inbox is done accepting
-	counted  bool             // handlers count as requests in flight (events.go)
 }
 
 func (s *connServer) run() error {
@@ -136,14 +135,8 @@ func (s *connServer) accept(ln *trackedListener) error {
 		// (a connection our parent handed over late).
 		s.p.onGoodbye(ctx, cancel)
 		s.handlers.Add(1)
-		if s.counted {
-			s.p.inFlight.Add(1)
-		}
 		go func() {
 			defer s.handlers.Done()
-			if s.counted {
-				defer s.p.inFlight.Add(-1)
-			}
 			defer cancel()
 			defer c.Close()
 			s.handle(ctx, c)

@@ -84,10 +84,6 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 			// is passed on when it next goes idle.)
 			w.Header().Set("Connection", "close")
 		}
-		if p.events != nil {
-			p.inFlight.Add(1)
-			defer p.inFlight.Add(-1)
-		}
 		next.ServeHTTP(w, r)
 	})
 	p.addListener(ln, s.ln)

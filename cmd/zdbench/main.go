@@ -11,7 +11,10 @@
 //
 // Usage (from the repository root; the default run takes about 40 s):
 //
-//	go run ./cmd/zdbench [-upgrades 5] [-settle 1s] [-servers graceful,tableflip,nethttp]
+//	go run ./cmd/zdbench [-upgrades 5] [-settle 1s] [-servers graceful,tableflip,nethttp] [-svg zdbench.svg]
+//
+// -svg draws the run: requests per second answered by each serving process
+// and failures over time, one panel per server, deploys marked.
 package main
 
 import (
@@ -44,6 +47,7 @@ type options struct {
 	upgrades int
 	settle   time.Duration
 	servers  []string
+	svg      string // write the picture here
 }
 
 // result is what the clients saw of one server.
@@ -54,6 +58,7 @@ type result struct {
 	ready, oldExit  []time.Duration // signal to new-ready, signal to old-exit
 	peakRSS         int64           // kB, the largest of the old processes
 	steady, nearUpg []time.Duration // latencies away from and within 1 s of a deploy
+	start, end      time.Time       // of the load
 }
 
 func main() {
@@ -62,6 +67,7 @@ func main() {
 	flag.IntVar(&o.upgrades, "upgrades", 5, "deploys per server")
 	flag.DurationVar(&o.settle, "settle", time.Second, "load between deploys")
 	flag.StringVar(&servers, "servers", "graceful,tableflip,nethttp", "servers to compare")
+	flag.StringVar(&o.svg, "svg", "", "also draw the run as an SVG picture in this file")
 	flag.Parse()
 	o.servers = strings.Split(servers, ",")
 	results, err := run(context.Background(), o, os.Stderr)
@@ -70,6 +76,25 @@ func main() {
 		os.Exit(1)
 	}
 	report(os.Stdout, o, results)
+	if o.svg != "" {
+		if err := saveSVG(o, results); err != nil {
+			fmt.Fprintln(os.Stderr, "zdbench:", err)
+			os.Exit(1)
+		}
+	}
+}
+
+// saveSVG writes the picture to o.svg.
+func saveSVG(o options, results []*result) error {
+	f, err := os.Create(o.svg)
+	if err != nil {
+		return err
+	}
+	if err := writeSVG(f, o, results); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func run(ctx context.Context, o options, progress io.Writer) ([]*result, error) {
@@ -126,7 +151,7 @@ func measure(ctx context.Context, o options, name, pkg, dir string) (*result, er
 	load := loadtest.StartLoad(srv.Addr, loadtest.Mix{
 		KeepAliveGET: 3, KeepAlivePOST: 3, FreshGET: 2, Slow: 2, SSE: 2, WS: 2, Pause: 5 * time.Millisecond,
 	})
-	r := &result{name: name}
+	r := &result{name: name, start: time.Now()}
 	time.Sleep(o.settle)
 	for range o.upgrades {
 		old := srv.PID()
@@ -165,6 +190,7 @@ func measure(ctx context.Context, o options, name, pkg, dir string) (*result, er
 		time.Sleep(o.settle)
 	}
 	r.stats = load.Stop()
+	r.end = time.Now()
 	srv.Stop(ctx, 40*time.Second)
 	for _, l := range r.stats.Latencies {
 		near := false

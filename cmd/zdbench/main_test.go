@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/xml"
 	"io"
 	"strings"
 	"testing"
@@ -27,6 +28,24 @@ func TestShortForm(t *testing.T) {
 	assert.Zero(t, s.Failed(), out.String())
 	assert.Positive(t, s.StreamsGraceful, "streams said goodbye")
 	assert.Len(t, results[0].ready, 2)
+
+	// The picture: well-formed, one panel, a line per serving process.
+	var svg strings.Builder
+	require.NoError(t, writeSVG(&svg, o, results))
+	d := xml.NewDecoder(strings.NewReader(svg.String()))
+	lines := 0
+	for {
+		tok, err := d.Token()
+		if err == io.EOF {
+			break
+		}
+		require.NoError(t, err, "the SVG is well-formed XML")
+		if se, ok := tok.(xml.StartElement); ok && se.Name.Local == "polyline" {
+			lines++
+		}
+	}
+	assert.Equal(t, len(s.PIDs), lines, "one line per serving process")
+	assert.Contains(t, svg.String(), ">graceful</text>")
 }
 
 func TestBadOptions(t *testing.T) {

@@ -117,7 +117,37 @@ func BenchmarkServe(b *testing.B) {
 // Serve'd one in alternating 250 ms windows (20 rounds), so that drift on
 // a shared machine hits both alike, and reports graceful/plain requests/s.
 func BenchmarkServeRatio(b *testing.B) {
-	urls := []string{"http://" + serve(b, false) + "/", "http://" + serve(b, true) + "/"}
+	urls := [2]string{"http://" + serve(b, false) + "/", "http://" + serve(b, true) + "/"}
+	for range b.N {
+		plain, tracked := alternate(b, urls)
+		b.ReportMetric(tracked/plain, "graceful/plain")
+		b.ReportMetric(plain, "plain-req/s")
+		b.ReportMetric(tracked, "graceful-req/s")
+	}
+}
+
+// BenchmarkEventsOverhead compares the reference server with its events
+// hook set (-metrics, the default: Options.OnEvent feeds gracefulprom) and
+// unset (-metrics=false) under the same keep-alive load, in alternating
+// windows as BenchmarkServeRatio does, and reports set/unset requests/s.
+// Events cost nothing per request: the in-flight count of a drain's event
+// is read from the connection states the trackers keep anyway.
+func BenchmarkEventsOverhead(b *testing.B) {
+	set := startReference(b, nil, false)
+	unset := startReference(b, []string{"-metrics=false"}, false)
+	urls := [2]string{"http://" + unset.Addr + "/", "http://" + set.Addr + "/"}
+	for range b.N {
+		without, with := alternate(b, urls)
+		b.ReportMetric(with/without, "set/unset")
+		b.ReportMetric(without, "unset-req/s")
+		b.ReportMetric(with, "set-req/s")
+	}
+}
+
+// alternate runs keep-alive GET workers against urls[0] and urls[1] in
+// alternating 250 ms windows, 20 rounds each, and returns the requests per
+// second of each.
+func alternate(b *testing.B, urls [2]string) (float64, float64) {
 	workers := 4 * runtime.GOMAXPROCS(0)
 	tr := &http.Transport{MaxIdleConnsPerHost: workers}
 	defer tr.CloseIdleConnections()
@@ -149,20 +179,14 @@ func BenchmarkServeRatio(b *testing.B) {
 		wg.Wait()
 		return n.Load()
 	}
-	for range b.N {
-		var totals [2]int64
-		for round := range 20 {
-			for i := range urls {
-				j := (i + round) % 2 // alternate which goes first
-				totals[j] += window(j)
-			}
+	var totals [2]int64
+	for round := range 20 {
+		for i := range urls {
+			j := (i + round) % 2 // alternate which goes first
+			totals[j] += window(j)
 		}
-		plain, tracked := float64(totals[0])/spent[0].Seconds(), float64(totals[1])/spent[1].Seconds()
-		b.ReportMetric(tracked/plain, "graceful/plain")
-		b.ReportMetric(plain, "plain-req/s")
-		b.ReportMetric(tracked, "graceful-req/s")
-		spent = [2]time.Duration{}
 	}
+	return float64(totals[0]) / spent[0].Seconds(), float64(totals[1]) / spent[1].Seconds()
 }
 
 // BenchmarkTrackingMemory holds 4,000 idle keep-alive connections on a

@@ -60,6 +60,16 @@ type Stats struct {
 	StreamPIDs      map[string]int // streams opened per serving PID
 	Goodbyes        []time.Time    // when each goodbye arrived
 	Latencies       []Latency      // of every successful request
+	Timeline        []Outcome      // every request, as it ended
+}
+
+// Outcome is one request as it ended, answered by PID or failed, or a
+// stream that could not open or was cut (Stream).
+type Outcome struct {
+	At     time.Time
+	PID    string // the answering process; "" if it failed
+	Failed bool
+	Stream bool
 }
 
 // Latency is one successful request: when it started and how long it took.
@@ -89,6 +99,7 @@ func (s *Stats) ok(pid string) {
 	s.mu.Lock()
 	s.Requests++
 	s.PIDs[pid]++
+	s.Timeline = append(s.Timeline, Outcome{At: time.Now(), PID: pid})
 	s.mu.Unlock()
 }
 
@@ -96,6 +107,7 @@ func (s *Stats) fail(class, msg string) {
 	s.mu.Lock()
 	s.Requests++
 	s.Failures[class]++
+	s.Timeline = append(s.Timeline, Outcome{At: time.Now(), Failed: true})
 	if len(s.Samples) < 10 {
 		s.Samples = append(s.Samples, class+": "+msg)
 	}
@@ -109,6 +121,7 @@ func (s *Stats) streamEnd(graceful bool, why string) {
 		s.Goodbyes = append(s.Goodbyes, time.Now())
 	} else {
 		s.StreamsAbrupt++
+		s.Timeline = append(s.Timeline, Outcome{At: time.Now(), Failed: true, Stream: true})
 		if len(s.Samples) < 10 {
 			s.Samples = append(s.Samples, "stream cut: "+why)
 		}
@@ -350,6 +363,7 @@ func (l *Load) streamOpenFailed(err error, resp *http.Response) {
 	}
 	l.stats.mu.Lock()
 	l.stats.StreamFailures++
+	l.stats.Timeline = append(l.stats.Timeline, Outcome{At: time.Now(), Failed: true, Stream: true})
 	if len(l.stats.Samples) < 10 {
 		l.stats.Samples = append(l.stats.Samples, "stream open: "+msg)
 	}
