@@ -1,6 +1,7 @@
 package graceful
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -113,7 +114,9 @@ func (p *Process) finishUpgrade(start time.Time, newPID int, err error) error {
 		return nil
 	}
 	p.log.Info("upgrade done: new process ready", "took", time.Since(start).Round(time.Millisecond))
-	if pid := p.successorPID(); pid != 0 {
+	// Before this process exits: a supervisor (or systemd) learns the new
+	// main PID before it sees this one gone.
+	if pid := cmp.Or(p.successorPID(), newPID); pid != 0 {
 		p.notify("MAINPID="+strconv.Itoa(pid), "READY=1", status("upgraded to pid %d; pid %d draining", pid, os.Getpid()))
 	}
 	return nil

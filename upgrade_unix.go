@@ -215,6 +215,11 @@ func (p *Process) waitParent(ctx context.Context) {
 	}
 	if err := p.plat.upg.WaitForParent(ctx); ctx.Err() == nil {
 		p.log.Info("previous process exited", "err", err)
+		// The previous process's last status ("upgraded to pid N; pid M
+		// draining") is stale now: the service's status is ours.
+		if p.life.get().ready() {
+			p.notify(status("serving (pid %d, upgraded)", os.Getpid()))
+		}
 	}
 }
 

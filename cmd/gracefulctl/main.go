@@ -8,14 +8,20 @@
 //	gracefulctl -socket /run/myapi/control.sock upgrade
 //	gracefulctl -socket /run/myapi/control.sock status
 //	gracefulctl -socket /run/myapi/control.sock status -json
+//	gracefulctl supervise -- /usr/local/bin/myapi -addr :8080
 //
 // status prints "pid N PHASE" on its first line, then the generation, the
 // build, the uptime and the last upgrades with their outcomes and timings;
 // -json prints the whole record as JSON, for machines. (A server of a
 // version before the record prints the first line only.)
 //
+// supervise runs the server under a process whose PID never changes (see
+// package supervisor): for systemd (its stop then drains after upgrades),
+// a container's PID 1, supervisord, runit or a terminal. It exits with the
+// server's status.
+//
 // Exit codes: 0 success, 1 the process answered with an error or could not
-// be reached, 2 bad usage.
+// be reached, 2 bad usage; supervise exits with the server's code.
 package main
 
 import (
@@ -24,6 +30,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -32,19 +39,24 @@ import (
 
 	"github.com/graceful-go/graceful"
 	"github.com/graceful-go/graceful/control"
+	"github.com/graceful-go/graceful/supervisor"
 )
 
 func main() {
+	supervisor.Trampoline() // when started by supervise to exec the server
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "supervise" {
+		return supervise(args[1:], stderr)
+	}
 	fs := flag.NewFlagSet("gracefulctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	socket := fs.String("socket", "", "path of the server's control socket (required)")
 	timeout := fs.Duration("timeout", 0, "give up waiting after this long (0: wait for the server's answer, which its UpgradeTimeout bounds)")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: gracefulctl -socket PATH [-timeout D] upgrade|status [-json]\n")
+		fmt.Fprintf(stderr, "usage: gracefulctl -socket PATH [-timeout D] upgrade|status [-json]\n       gracefulctl supervise [--] SERVER [ARGS...]\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -144,4 +156,22 @@ func describe(st graceful.Status, now time.Time) string {
 		}
 	}
 	return b.String()
+}
+
+// supervise runs the server command in args under a supervisor.
+func supervise(args []string, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "--" {
+		args = args[1:]
+	}
+	if len(args) == 0 {
+		fmt.Fprintf(stderr, "usage: gracefulctl supervise [--] SERVER [ARGS...]\n")
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil)).With("supervisor", os.Getpid())
+	code, err := supervisor.Run(context.Background(), supervisor.Config{Command: args, Log: log, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr})
+	if err != nil {
+		fmt.Fprintf(stderr, "gracefulctl supervise: %v\n", err)
+		return 1
+	}
+	return code
 }

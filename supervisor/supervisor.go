@@ -1,0 +1,66 @@
+// Package supervisor is a small process whose PID never changes, for
+// service managers that must keep track of a server that upgrades itself
+// in place: systemd (whose stop logic does not wait for a main process that
+// is not its own child, and after an in-place upgrade the new process is
+// not), a container's PID 1, supervisord, runit, s6 or a terminal. The
+// command `gracefulctl supervise -- SERVER ARGS...` runs it.
+//
+// The supervisor starts the server and stays its manager's child for the
+// service's whole life. It follows the server's generations through the
+// systemd notify protocol the server already speaks: it gives the server a
+// notify socket of its own, learns each new generation from MAINPID=, and
+// becomes a child subreaper, so that each generation is reparented to it
+// when its predecessor exits. It forwards SIGHUP, SIGTERM, SIGINT, SIGQUIT,
+// SIGUSR1 and SIGUSR2 to the current generation; it reaps every process
+// reparented to it (as PID 1, every orphan of the container); it relays
+// READY=1, RELOADING=1, STOPPING=1, EXTEND_TIMEOUT_USEC=, WATCHDOG=1 and
+// the current generation's STATUS= to its own manager, never MAINPID=, so
+// that its own PID stays the main one. When the current generation exits
+// without a successor, the supervisor exits with its status (128+N for a
+// signal N).
+//
+// Sockets passed by socket activation (LISTEN_FDS) are passed on to the
+// first generation, with LISTEN_PID naming it. The supervisor does not
+// restart a crashed server itself: it exits with the server's status, and
+// the manager's own policy (systemd Restart=, Docker's restart policy)
+// restarts the service, as it would without a supervisor; holding the
+// sockets and restarting is what socket activation already does.
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+)
+
+// Config is what Run supervises.
+type Config struct {
+	// Command is the server and its arguments. The first generation is
+	// started from it; later ones are started by the server itself.
+	Command []string
+	// Log receives the supervisor's own messages; nil means none.
+	Log *slog.Logger
+	// Stdin, Stdout and Stderr of the server; nil means none.
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+}
+
+// ErrNotSupported is returned by Run where a subreaper is not available
+// (outside Linux).
+var ErrNotSupported = errors.New("supervisor: needs Linux (child subreaper)")
+
+// Run starts the server, follows its generations until the last exits
+// without a successor, and returns the exit code to exit with: the
+// server's, or 128+N if a signal N ended it. ctx ending forwards SIGTERM to
+// the current generation, as the signal would. An error means the server
+// could not be started.
+func Run(ctx context.Context, cfg Config) (int, error) {
+	if len(cfg.Command) == 0 {
+		return 0, errors.New("supervisor: no command")
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return run(ctx, cfg)
+}
