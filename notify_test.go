@@ -69,6 +69,9 @@ func TestSystemdNotify(t *testing.T) {
 		fmt.Sprintf("MAINPID=%d\nREADY=1\nSTATUS=serving (pid %d, upgraded)", b, b),
 		fmt.Sprintf("MAINPID=%d\nREADY=1\nSTATUS=upgraded to pid %d; pid %d draining", b, b, a),
 	}, got)
+	// Once the old one has exited, the status is the serving process's
+	// own again, whichever of the two spoke last.
+	assert.Equal(t, fmt.Sprintf("STATUS=serving (pid %d, upgraded)", b), sd.next())
 
 	h.setMode(modeExit)
 	require.NoError(t, h.Signal(syscall.SIGHUP))
