@@ -296,6 +296,22 @@ func (t *tracker) waitEmpty(ctx context.Context) error {
 // A connection being sent to the other process is left to its sender (the
 // send is bounded by the same deadline): the message being built uses its
 // descriptor number.
+// live counts the connections a deadline would cut: neither retired (a
+// read-drain already counted), nor passed on, nor being passed on.
+func (t *tracker) live() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for c := range t.conns {
+		switch c.state() {
+		case connRetired, connHanding, connHanded, connDone:
+		default:
+			n++
+		}
+	}
+	return n
+}
+
 func (t *tracker) closeAll() int {
 	n := 0
 	for _, c := range t.snapshot() {

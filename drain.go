@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"reflect"
 	"slices"
 	"time"
 )
@@ -36,9 +37,7 @@ func (p *Process) beginDrain() {
 	// Sends to the successor wait for it until the deadline (see setDeadline).
 	deadline, _ := ctx.Deadline()
 	p.toSuccessor.setDeadline(deadline)
-	if p.events != nil {
-		p.drainInFlight.Store(int64(p.inFlight()))
-	}
+	p.drainInFlight.Store(int64(p.inFlight())) // once per drain
 	p.group.beginStop(ctx, p.closeListeners)
 }
 
@@ -116,8 +115,8 @@ func (p *Process) reportDrain(start time.Time, upgraded bool) {
 }
 
 // inFlight counts the requests being served: the connections with one in
-// flight (under Serve; an HTTP/2 connection with streams counts once) and
-// those being handled (ServeConns). It reads the connection states the
+// flight or hijacked (under Serve; an HTTP/2 connection with streams counts
+// once) and those being handled (ServeConns). It reads the connection states the
 // trackers keep anyway, so that serving costs nothing more with events.
 func (p *Process) inFlight() int {
 	p.mu.Lock()
@@ -127,7 +126,7 @@ func (p *Process) inFlight() int {
 	for _, t := range trackers {
 		t.mu.Lock()
 		for c := range t.conns {
-			if t.raw || c.http == http.StateActive {
+			if t.raw || c.http == http.StateActive || c.http == http.StateHijacked {
 				n++
 			}
 		}
@@ -213,15 +212,17 @@ func (p *Process) delayDrain(drainSig <-chan os.Signal) {
 
 // Goodbye returns a channel closed when the long-lived stream (SSE,
 // WebSocket, gRPC stream) served under ctx should end with a goodbye in its
-// own protocol. With [Options.GoodbyeSpread] zero it is [Process.Draining].
-// Otherwise the streams open when the drain starts are told one at a time,
+// own protocol. With [Options.GoodbyeSpread] zero, every stream is told as
+// the drain starts (it is [Process.Draining], unless [Options.OnEvent],
+// which counts the goodbyes, is set). Otherwise the streams open when the
+// drain starts are told one at a time,
 // evenly over GoodbyeSpread and in random order, so that their clients do
 // not all reconnect to the new process in the same instant; a stream that
 // asks once the drain has started is told at once. A stream on an HTTP/2
 // connection of a [Process.Serve] server is told no earlier than its
 // connection's GOAWAY, so that its client reconnects elsewhere instead of
-// on the same connection. The registration ends with ctx. A nil *Process
-// returns a nil channel.
+// on the same connection. Calls with the same ctx return the same channel;
+// the registration ends with ctx. A nil *Process returns a nil channel.
 func (p *Process) Goodbye(ctx context.Context) <-chan struct{} {
 	if p == nil {
 		return nil
@@ -233,28 +234,55 @@ func (p *Process) Goodbye(ctx context.Context) <-chan struct{} {
 		}
 		return p.life.draining
 	}
-	g := make(chan struct{})
-	if gate == nil {
-		p.onGoodbye(ctx, func() { close(g) })
-	} else {
-		p.onGoodbye(ctx, func() { context.AfterFunc(gate, func() { close(g) }) })
+	if !reflect.TypeOf(ctx).Comparable() { // no map key: a registration per call
+		g := make(chan struct{})
+		p.onGoodbye(ctx, goodbyeFunc(gate, g), true)
+		return g
 	}
+	// One registration per stream, however often it asks.
+	p.mu.Lock()
+	g, ok := p.goodbyeOf[ctx]
+	if !ok {
+		g = make(chan struct{})
+		p.goodbyeOf[ctx] = g
+	}
+	p.mu.Unlock()
+	if ok {
+		return g
+	}
+	context.AfterFunc(ctx, func() {
+		p.mu.Lock()
+		delete(p.goodbyeOf, ctx)
+		p.mu.Unlock()
+	})
+	p.onGoodbye(ctx, goodbyeFunc(gate, g), true)
 	return g
+}
+
+// goodbyeFunc closes g, once gate (if any) is done.
+func goodbyeFunc(gate context.Context, g chan struct{}) func() {
+	if gate == nil {
+		return func() { close(g) }
+	}
+	return func() { context.AfterFunc(gate, func() { close(g) }) }
 }
 
 // onGoodbye registers f to be called once, in the goodbye spreading, when
 // the stream served under ctx should say goodbye; at once if the drain has
-// already started. The registration ends with ctx.
-func (p *Process) onGoodbye(ctx context.Context, f func()) {
+// already started. The registration ends with ctx. counted says whether it
+// counts in the drain's figures (not the control socket's connections).
+func (p *Process) onGoodbye(ctx context.Context, f func(), counted bool) {
 	p.mu.Lock()
 	if p.goodbyeAt {
 		p.mu.Unlock()
-		p.goodbyed.Add(1)
+		if counted {
+			p.goodbyed.Add(1)
+		}
 		f()
 		return
 	}
 	key := &f
-	p.goodbyes[key] = struct{}{}
+	p.goodbyes[key] = counted
 	p.mu.Unlock()
 	context.AfterFunc(ctx, func() {
 		p.mu.Lock()
@@ -269,13 +297,17 @@ func (p *Process) spreadGoodbyes() {
 	p.mu.Lock()
 	p.goodbyeAt = true
 	list := make([]func(), 0, len(p.goodbyes))
-	for f := range p.goodbyes {
+	counted := 0
+	for f, c := range p.goodbyes {
 		list = append(list, *f)
+		if c {
+			counted++
+		}
 	}
 	p.goodbyes = nil
 	ctx := p.drainCtx
 	p.mu.Unlock()
-	p.goodbyed.Add(int64(len(list)))
+	p.goodbyed.Add(int64(counted))
 	p.spreading.Add(1)
 	go func() {
 		defer p.spreading.Done()

@@ -75,9 +75,9 @@ type Event struct {
 }
 
 // DrainStats is what became of one drain's connections. InFlight counts
-// the connections with a request in flight under [Process.Serve] (an
-// HTTP/2 connection with streams counts once) and the connections being
-// handled under [Process.ServeConns].
+// the connections with a request in flight or hijacked (WebSocket) under
+// [Process.Serve] (an HTTP/2 connection with streams counts once) and the
+// connections being handled under [Process.ServeConns].
 type DrainStats struct {
 	Duration  time.Duration `json:"duration_ns"`
 	InFlight  int           `json:"in_flight"`  // requests being served as the drain began (see below)
@@ -270,10 +270,8 @@ func (p *Process) beginAttempt(start time.Time) []byte {
 	r.attempt = r.appendLocked(UpgradeRecord{Started: start, Outcome: OutcomeInProgress, OldPID: os.Getpid(), Generation: r.status.Generation + 1})
 	st := handedState{Generation: r.status.Generation + 1, Upgrades: r.status.Upgrades, Totals: r.status.Totals}
 	b, _ := json.Marshal(st)
-	totals := r.status.Totals
-	gen := r.status.Generation
+	p.emit(Event{Kind: EventUpgradeStarted, Time: start, PID: os.Getpid(), Generation: r.status.Generation, Totals: r.status.Totals})
 	r.mu.Unlock()
-	p.emit(Event{Kind: EventUpgradeStarted, Time: start, PID: os.Getpid(), Generation: gen, Totals: totals})
 	return b
 }
 
@@ -298,11 +296,11 @@ func (p *Process) endAttempt(start time.Time, newPID int, err error) {
 		r.status.Totals.Succeeded++
 	}
 	e := Event{Kind: EventUpgradeSucceeded, Time: time.Now(), PID: os.Getpid(), Generation: r.status.Generation, NewPID: newPID, Duration: d, Err: err, Totals: r.status.Totals}
-	r.mu.Unlock()
 	if err != nil {
 		e.Kind = EventUpgradeFailed
 	}
 	p.emit(e)
+	r.mu.Unlock()
 }
 
 // inherit takes the state our parent passed (see beginAttempt).
@@ -339,12 +337,14 @@ func (p *Process) declaredServing() {
 	r.serving = true
 	pending := r.pending
 	r.pending = nil
-	r.mu.Unlock()
+	// Queued under the lock (put never waits): a report that arrives now
+	// comes after them.
 	if up != nil {
 		up.Totals = totals
 		p.emit(*up)
 	}
 	p.emit(Event{Kind: EventServing, Time: now, PID: os.Getpid(), Generation: gen, Totals: totals})
+	r.mu.Unlock()
 	if pending != nil {
 		p.drainFinished(*pending, true)
 	}
@@ -373,9 +373,9 @@ func (p *Process) drainFinished(rep drainReport, fromPredecessor bool) {
 			}
 		}
 	}
-	totals := r.status.Totals
+	// Queued under the lock, so that events carry totals in order.
+	p.emit(Event{Kind: EventDrainFinished, Time: time.Now(), PID: rep.PID, Generation: rep.Generation, Duration: rep.Drain.Duration, Drain: rep.Drain, Totals: r.status.Totals})
 	r.mu.Unlock()
-	p.emit(Event{Kind: EventDrainFinished, Time: time.Now(), PID: rep.PID, Generation: rep.Generation, Duration: rep.Drain.Duration, Drain: rep.Drain, Totals: totals})
 }
 
 // generation returns this process's generation.
@@ -403,7 +403,8 @@ func (p *Process) controlMessage(msg string) {
 }
 
 // emit passes e to Options.OnEvent, without waiting for it; a no-op
-// without OnEvent.
+// without OnEvent. It takes the queue's lock, after the record's if the
+// caller holds that.
 func (p *Process) emit(e Event) {
 	if p.events != nil {
 		p.events.put(e)
@@ -442,6 +443,7 @@ func (q *eventQueue) put(e Event) {
 		return
 	}
 	e.Dropped, q.dropped = q.dropped, 0
+	e.Totals.EventsDropped = q.total
 	q.queue = append(q.queue, e)
 	if !q.running {
 		q.running = true

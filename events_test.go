@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -141,4 +142,40 @@ func TestEvents(t *testing.T) {
 	assert.Equal(t, "2", n[1].fields["gen"])
 	assert.Equal(t, "1", n[1].fields["failed"], "the record of the failed attempt came along")
 	assert.Equal(t, o[6].line, told.line, "the new process reports the old one's drain with the same figures")
+}
+
+// TestEventsForced: a drain that reaches its deadline counts what it cut,
+// once each: a request still running and a hijacked connection; an idle
+// connection retired before is not counted again.
+func TestEventsForced(t *testing.T) {
+	h := startHelper(t, []string{"-events-hook", "-drain-timeout", "2s", "-idle-grace", "100ms"}, loadtest.Config{})
+	pid := h.PID()
+	idle := dialRaw(t, h.Addr)
+	idle.send("/")
+	require.Equal(t, http.StatusOK, idle.response().StatusCode)
+	slow := dialRaw(t, h.Addr)
+	slow.send("/slow?ms=20000")
+	h.waitEvent(pid, evSlowStarted)
+	hj := dialRaw(t, h.Addr)
+	hj.send("/hijack")
+	for line := ""; line != "hijacked\n"; { // its body has no end but the connection's
+		var err error
+		line, err = hj.r.ReadString('\n')
+		require.NoError(t, err)
+	}
+	require.NoError(t, h.Signal(syscall.SIGTERM))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := h.WaitExit(ctx, pid)
+	require.NoError(t, err)
+	var fin *hooked
+	for _, e := range h.hooks() {
+		if e.kind == "drain-finished" {
+			fin = &e
+		}
+	}
+	require.NotNil(t, fin)
+	assert.Equal(t, "2", fin.fields["forced"], "the slow request and the hijacked connection")
+	assert.Equal(t, "1", fin.fields["retired"], "the idle connection")
+	assert.Equal(t, "2", fin.fields["in-flight"])
 }

@@ -781,3 +781,35 @@ func TestFaultH2GoodbyeBeforeGoaway(t *testing.T) {
 	assert.LessOrEqual(t, byPID[strconv.Itoa(old)], 2, "streams opened on the old process (%v)", byPID)
 	assert.Positive(t, byPID[strconv.Itoa(h.PID())], "the stream reopened on the new process")
 }
+
+// TestFaultManyFailedUpgrades: upgrades that fail before the new process
+// reads what it is passed (here its binary is missing) leave nothing
+// behind on the hand-off channel. Queued there, 54 such attempts filled it
+// and the next one hung forever. After 100, an upgrade succeeds and the new
+// process has the whole record.
+func TestFaultManyFailedUpgrades(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	h := startHelper(t, []string{"-control", sock}, loadtest.Config{})
+	require.NoError(t, os.Remove(h.bin))
+	for i := range 100 {
+		require.Contains(t, h.upgradeViaAPI().err, "no such file", "attempt %d", i)
+	}
+	h.deploy()
+	require.Empty(t, h.upgradeViaAPI().err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The new process records its upgrade as it declares itself serving,
+	// a moment after its parent learnt it was ready.
+	var st graceful.Status
+	for i := 0; i < 200 && st.Phase != graceful.PhaseServing; i++ {
+		var err error
+		st, err = control.Details(ctx, sock)
+		require.NoError(t, err)
+		time.Sleep(5 * time.Millisecond)
+	}
+	assert.Equal(t, 2, st.Generation)
+	assert.Equal(t, graceful.Totals{Succeeded: 1, Failed: 100}, graceful.Totals{Succeeded: st.Totals.Succeeded, Failed: st.Totals.Failed})
+	require.Len(t, st.Upgrades, 10)
+	assert.Equal(t, graceful.OutcomeSucceeded, st.Upgrades[9].Outcome)
+	assert.Equal(t, graceful.OutcomeFailed, st.Upgrades[8].Outcome)
+}

@@ -157,12 +157,13 @@ type Process struct {
 	inboxes     *inboxes
 
 	mu          sync.Mutex
-	listeners   map[any]io.Closer  // by socket: closed first in a drain
-	listenOrder []any              // the sockets, in registration order
-	drainCtx    context.Context    // set when the drain starts: its deadline
-	drainCancel context.CancelFunc // releases drainCtx
-	goodbyes    map[*func()]struct{}
-	goodbyeAt   bool // the drain started: new goodbyes are said at once
+	listeners   map[any]io.Closer                 // by socket: closed first in a drain
+	listenOrder []any                             // the sockets, in registration order
+	drainCtx    context.Context                   // set when the drain starts: its deadline
+	drainCancel context.CancelFunc                // releases drainCtx
+	goodbyes    map[*func()]bool                  // registered goodbyes; true: counted in the drain's figures
+	goodbyeOf   map[context.Context]chan struct{} // Goodbye's channel, per stream
+	goodbyeAt   bool                              // the drain started: new goodbyes are said at once
 
 	attempts     sync.WaitGroup // Upgrade attempts still running
 	attemptEnded chan struct{}  // receives after each attempt's outcome (buffered)
@@ -178,7 +179,7 @@ type Process struct {
 	trackers []*tracker   // every served listener's (guarded by mu)
 	goodbyed atomic.Int64 // goodbyes said
 
-	drainInFlight atomic.Int64 // requests in flight as the drain began (with events only)
+	drainInFlight atomic.Int64 // requests in flight as the drain began
 }
 
 // created guards the process-wide state: inherited descriptors and the
@@ -254,7 +255,8 @@ func New(opts Options) (*Process, error) {
 		life:      newLifecycle(),
 		inboxes:   newInboxes(logger),
 		group:     newGroup(logger),
-		goodbyes:  make(map[*func()]struct{}),
+		goodbyes:  make(map[*func()]bool),
+		goodbyeOf: make(map[context.Context]chan struct{}),
 		listeners: make(map[any]io.Closer),
 
 		attemptEnded: make(chan struct{}, 1),

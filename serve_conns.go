@@ -36,7 +36,7 @@ func (p *Process) serveConns(ln net.Listener, handle func(ctx context.Context, c
 	if !internal {
 		p.addTracker(t)
 	}
-	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{})}
+	s := &connServer{p: p, ln: &trackedListener{Listener: ln, t: t}, t: t, handle: handle, stopping: make(chan struct{}), internal: internal}
 	p.addListener(ln, s.ln)
 	// Connections the parent hands over with HandOff.
 	if s.inbox, s.inboxLn = p.registerInbox(ln, t); s.inbox != nil {
@@ -91,6 +91,7 @@ type connServer struct {
 	inbox    *inbox           // connections handed over by the parent
 	inboxLn  *trackedListener // inbox, tracked
 	received chan struct{}    // closed when inbox is done accepting
+	internal bool             // the control socket: not in the drain's figures
 }
 
 func (s *connServer) run() error {
@@ -133,7 +134,7 @@ func (s *connServer) accept(ln *trackedListener) error {
 		ctx, cancel := context.WithCancel(context.WithValue(context.Background(), ctxKey{}, s.p))
 		// Said in the goodbye spreading, or at once during our own drain
 		// (a connection our parent handed over late).
-		s.p.onGoodbye(ctx, cancel)
+		s.p.onGoodbye(ctx, cancel, !s.internal)
 		s.handlers.Add(1)
 		go func() {
 			defer s.handlers.Done()
@@ -161,7 +162,8 @@ func (s *connServer) stop(ctx context.Context) error {
 		}
 	}
 	if err := s.t.waitEmpty(ctx); err != nil {
-		n := s.t.closeAll()
+		n := s.t.live()
+		s.t.closeAll()
 		s.t.forced.Add(int64(n))
 		s.p.log.Warn("drain deadline: connections force-closed", "addr", s.t.key, "conns", n)
 	}

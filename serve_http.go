@@ -204,9 +204,10 @@ func (s *httpServer) stop(ctx context.Context) error {
 	}
 	if err != nil {
 		// The deadline: what is left is closed, hijacked connections too.
-		s.goawaySent() // Close runs no shutdown hooks
+		s.goawaySent()  // Close runs no shutdown hooks
+		n := s.t.live() // Close closes most of them, closeAll the hijacked ones
 		s.srv.Close()
-		n := s.t.closeAll()
+		s.t.closeAll()
 		s.t.forced.Add(int64(n))
 		if n > 0 {
 			log.Warn("drain deadline: connections force-closed", "addr", s.t.key, "conns", n)

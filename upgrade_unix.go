@@ -42,6 +42,10 @@ const (
 type platform struct {
 	upg       *tableflip.Upgrader
 	parentPID int // the process that started us, when it is our parent
+	// peer is our copy of the successor's end of the hand-off channel,
+	// kept until an upgrade succeeds: a child that failed before it read
+	// its state message left it there, and the next attempt empties it.
+	peer *os.File
 
 	mu        sync.Mutex
 	activated []*activatedSocket // sockets from systemd not yet claimed
@@ -102,12 +106,12 @@ func (p *Process) openHandoffs() error {
 	if err != nil {
 		return err
 	}
-	defer theirs.Close() // AddFile keeps a duplicate
 	if err := p.plat.upg.Fds.AddFile(handoffName(os.Getpid()), theirs); err != nil {
+		theirs.Close()
 		ours.close()
 		return err
 	}
-	p.toSuccessor = ours
+	p.toSuccessor, p.plat.peer = ours, theirs
 	if !p.plat.upg.HasParent() {
 		return nil
 	}
@@ -180,16 +184,27 @@ func (p *Process) waitPrevious() error {
 // said it.
 func (p *Process) upgrade(state []byte) (newPID int, err error) {
 	if p.toSuccessor != nil {
-		p.toSuccessor.takeControl() // what an earlier, failed child said
+		// What an earlier child that failed said, and what it left unread.
+		p.toSuccessor.takeControl()
+		discardQueued(p.plat.peer)
+		p.toSuccessor.setDeadline(time.Now().Add(time.Second))
 		if err := p.toSuccessor.sendControl(stateMessage + " " + string(state)); err != nil {
 			p.log.Warn("cannot pass the upgrade record to the new process", "err", err)
 		}
+		p.toSuccessor.setDeadline(time.Time{})
 	}
 	defer func() {
 		for _, msg := range p.toSuccessor.takeControl() {
 			if pid, ok := strings.CutPrefix(msg, helloMessage+" "); ok {
 				newPID, _ = strconv.Atoi(pid)
 			}
+		}
+		if err == nil && p.plat.peer != nil {
+			// The successor's end must close with the successor: a send to
+			// a successor that died fails at once instead of filling the
+			// channel.
+			p.plat.peer.Close()
+			p.plat.peer = nil
 		}
 	}()
 	for i := 0; ; i++ {
@@ -199,6 +214,28 @@ func (p *Process) upgrade(state []byte) (newPID int, err error) {
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// discardQueued reads, without waiting, every message queued at f, a
+// hand-off channel end that nobody reads.
+func discardQueued(f *os.File) {
+	if f == nil {
+		return
+	}
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	buf := make([]byte, 64<<10)
+	raw.Control(func(fd uintptr) {
+		for {
+			// No room for descriptors: any that a message carries are
+			// closed by the kernel (none do before a successor is ready).
+			if _, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT); err != nil {
+				return
+			}
+		}
+	})
 }
 
 // tableflipLagging reports whether Upgrade refused only because tableflip's

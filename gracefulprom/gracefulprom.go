@@ -11,8 +11,8 @@
 // The counters carry on across upgrades: each new process starts from the
 // totals its predecessor passed on ([graceful.Totals]), so a dashboard sees
 // one series per service, not one that restarts at every upgrade. The
-// histograms count what this process saw: its own upgrade (reported by the
-// new process once it serves), the attempts it made that failed, and its
+// histograms count what this process saw: the upgrade that started it
+// (reported once it serves), the attempts it made itself, and its
 // predecessor's drain, which the predecessor reports to it as it exits.
 //
 // Metrics:
@@ -78,7 +78,7 @@ func New() *Metrics {
 // Observe records e; use it as [graceful.Options.OnEvent].
 func (m *Metrics) Observe(e graceful.Event) {
 	m.mu.Lock()
-	m.totals = e.Totals
+	m.totals = maxTotals(m.totals, e.Totals) // counters never go back
 	m.dropped += e.Dropped
 	switch e.Kind {
 	case graceful.EventServing:
@@ -133,4 +133,21 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 	counter(m.droppedDesc, dropped)
 	m.upgradeDuration.Collect(ch)
 	m.drainDuration.Collect(ch)
+}
+
+// maxTotals is a and b, field by field the larger.
+func maxTotals(a, b graceful.Totals) graceful.Totals {
+	d, e := a.Drain, b.Drain
+	return graceful.Totals{
+		Succeeded: max(a.Succeeded, b.Succeeded),
+		Failed:    max(a.Failed, b.Failed),
+		Drains:    max(a.Drains, b.Drains),
+		Drain: graceful.DrainStats{
+			Duration: max(d.Duration, e.Duration), InFlight: max(d.InFlight, e.InFlight),
+			Handed: max(d.Handed, e.Handed), NotHanded: max(d.NotHanded, e.NotHanded),
+			Retired: max(d.Retired, e.Retired), Expired: max(d.Expired, e.Expired),
+			Forced: max(d.Forced, e.Forced), Goodbyes: max(d.Goodbyes, e.Goodbyes),
+		},
+		EventsDropped: max(a.EventsDropped, b.EventsDropped),
+	}
 }

@@ -112,8 +112,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 // status returns the status report: JSON, or for people.
 func status(ctx context.Context, socket string, asJSON bool) (string, error) {
 	st, err := control.Details(ctx, socket)
-	if err != nil && !asJSON && strings.Contains(err.Error(), "unknown command") {
-		return control.Status(ctx, socket) // an older server
+	if err != nil && !asJSON && ctx.Err() == nil {
+		// An older server (unknown command), or a newer one whose record
+		// does not decode: the first line is still worth printing.
+		return control.Status(ctx, socket)
 	}
 	if err != nil {
 		return "", err
