@@ -5,6 +5,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -167,8 +168,14 @@ func TestSupervise(t *testing.T) {
 			pid = loadtest.ReadPIDFile(pidfile)
 		}
 		gens = append(gens, pid)
-		for deadline := time.Now().Add(30 * time.Second); loadtest.Alive(gens[len(gens)-2]); time.Sleep(5 * time.Millisecond) {
-			require.False(t, time.Now().After(deadline), "upgrade %d: the old generation did not exit", i)
+		// The old generation exits, reaped, and the new one is reparented
+		// to the supervisor (only then may the next upgrade start).
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			all, zombies := childrenOf(sup.Process.Pid)
+			if len(all) == 1 && all[0] == pid && zombies == 0 {
+				break
+			}
+			require.False(t, time.Now().After(deadline), "upgrade %d: the supervisor has children %v (%d zombies)", i, all, zombies)
 		}
 	}
 	stats := load.Stop()
@@ -240,4 +247,117 @@ func TestSupervise(t *testing.T) {
 		err = sup.Wait()
 		assert.Equal(t, 128+9, sup.ProcessState.ExitCode(), "%v", err)
 	})
+}
+
+// childrenOf returns pid's children, zombies (not yet reaped) included, and
+// how many are zombies.
+func childrenOf(pid int) (all []int, zombies int) {
+	paths, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if ppid, _ := strconv.Atoi(f[1]); len(f) > 1 && ppid == pid {
+			child, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+			all = append(all, child)
+			if f[0] == "Z" {
+				zombies++
+			}
+		}
+	}
+	return all, zombies
+}
+
+// TestSupervisePID1: the supervisor as PID 1 of a new PID namespace, as in
+// a container, upgrades the server in place under load (SIGHUP from
+// outside) without a failed request, reaps an orphan the server's start-up
+// leaves behind, and on SIGTERM drains and exits with the server's status.
+func TestSupervisePID1(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a PID namespace")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("needs unshare (util-linux)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	require.NoError(t, loadtest.BecomeSubreaper())
+	dir := t.TempDir()
+	ctl, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/cmd/gracefulctl", false)
+	require.NoError(t, err)
+	server, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
+	require.NoError(t, err)
+	addr, err := loadtest.FreeAddr()
+	require.NoError(t, err)
+	pidfile := filepath.Join(dir, "server.pid") // PIDs of the namespace: they only tell generations apart
+
+	var logs bytes.Buffer
+	// The shell leaves an orphan (its subshell exits at once), then
+	// becomes the server.
+	cmd := exec.Command(unshare, "--pid", "--fork", "--kill-child", "--", ctl, "supervise", "--",
+		"sh", "-c", `(sleep 0.2 &); exec "$0" "$@"`, server, "-addr", addr, "-pidfile", pidfile)
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	require.NoError(t, cmd.Start())
+	exited := make(chan int, 1)
+	go func() {
+		cmd.Wait()
+		exited <- cmd.ProcessState.ExitCode()
+	}()
+	defer func() {
+		cmd.Process.Kill() // --kill-child: the namespace goes with it
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs.String())
+		}
+	}()
+	var sup int // the supervisor's PID out here; 1 inside
+	for deadline := time.Now().Add(30 * time.Second); sup == 0; time.Sleep(5 * time.Millisecond) {
+		require.False(t, time.Now().After(deadline), "unshare started no supervisor")
+		if c := loadtest.Children(cmd.Process.Pid); len(c) == 1 {
+			sup = c[0]
+		}
+	}
+	require.NoError(t, loadtest.WaitReady(ctx, addr))
+
+	// onlyChildBut waits until PID 1 has one child, not old and not a
+	// zombie, and returns it.
+	onlyChildBut := func(what string, old int) int {
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			all, zombies := childrenOf(sup)
+			if len(all) == 1 && zombies == 0 && all[0] != old {
+				return all[0]
+			}
+			require.False(t, time.Now().After(deadline), "%s: PID 1 has children %v (%d zombies)", what, all, zombies)
+		}
+	}
+	// The orphan was reparented to PID 1 and reaped: only the server is
+	// left as its child.
+	child := onlyChildBut("start-up", 0)
+
+	load := loadtest.StartLoad(addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Slow: 1, SSE: 1, WS: 1})
+	gen := loadtest.ReadPIDFile(pidfile)
+	for i := range 3 {
+		require.NoError(t, syscall.Kill(sup, syscall.SIGHUP))
+		for deadline := time.Now().Add(30 * time.Second); loadtest.ReadPIDFile(pidfile) == gen; time.Sleep(5 * time.Millisecond) {
+			require.False(t, time.Now().After(deadline), "upgrade %d: no new generation", i)
+		}
+		gen = loadtest.ReadPIDFile(pidfile)
+		// The old generation exits, reaped; the new one is reparented to
+		// PID 1.
+		child = onlyChildBut(fmt.Sprintf("upgrade %d", i), child)
+	}
+	stats := load.Stop()
+	assert.Zero(t, stats.Failed(), "failures: %v %v", stats.Failures, stats.Samples)
+	assert.GreaterOrEqual(t, len(stats.PIDs), 4, "requests answered by every generation")
+
+	require.NoError(t, syscall.Kill(sup, syscall.SIGTERM))
+	select {
+	case code := <-exited:
+		assert.Equal(t, 0, code, "PID 1 exits with the server's status after the drain")
+	case <-time.After(60 * time.Second):
+		t.Fatal("PID 1 did not exit")
+	}
 }

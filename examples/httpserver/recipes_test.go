@@ -65,11 +65,15 @@ func TestRecipes(t *testing.T) {
 		t.Run(filepath.Base(unit), func(t *testing.T) {
 			k := unitKeys(t, unit)
 			start := strings.Fields(k["ExecStart"])
-			require.NotEmpty(t, start)
-			assert.Equal(t, "/usr/local/bin/httpserver", start[0])
-			c := parseArgs(t, start[1:])
-			assert.Equal(t, c.pidfile, k["PIDFile"], "PIDFile= is the file the server writes")
-			assert.Equal(t, "all", k["NotifyAccess"])
+			// The supervisor is the main process for the service's life:
+			// systemd then waits for the drain at stop and restart after
+			// upgrades (it does not for a main process not its child).
+			require.Greater(t, len(start), 4)
+			assert.Equal(t, []string{"/usr/local/bin/gracefulctl", "supervise", "--", "/usr/local/bin/httpserver"}, start[:4])
+			c := parseArgs(t, start[4:])
+			assert.Empty(t, k["PIDFile"], "no PIDFile=: it would make the server, not the supervisor, the main process")
+			assert.Equal(t, "main", k["NotifyAccess"], "only the supervisor speaks to systemd")
+			assert.Equal(t, "mixed", k["KillMode"], "SIGTERM to the supervisor alone, which passes it on once")
 			assert.Contains(t, []string{"notify", "notify-reload"}, k["Type"])
 			assert.GreaterOrEqual(t, seconds(t, k["TimeoutStopSec"]), c.delay+c.drain+margin)
 			assert.Greater(t, seconds(t, k["TimeoutStartSec"]), c.upgrade, "the reload is bounded by -upgrade-timeout")
@@ -85,7 +89,7 @@ func TestRecipes(t *testing.T) {
 
 	sock := unitKeys(t, "../systemd/httpserver-activated.socket")
 	svc := unitKeys(t, "../systemd/httpserver-activated.service")
-	c := parseArgs(t, strings.Fields(svc["ExecStart"])[1:])
+	c := parseArgs(t, strings.Fields(svc["ExecStart"])[4:])
 	assert.Equal(t, ":"+sock["ListenStream"], c.addr, "-addr names the activated socket")
 
 	b, err := os.ReadFile("../kubernetes/deployment.yaml")
@@ -106,10 +110,11 @@ func TestRecipes(t *testing.T) {
 	b, err = os.ReadFile("../docker/Dockerfile")
 	require.NoError(t, err)
 	m = regexp.MustCompile(`(?m)^ENTRYPOINT (\[.*\])$`).FindSubmatch(b)
-	require.NotNil(t, m, "exec-form ENTRYPOINT: the server is PID 1")
+	require.NotNil(t, m, "exec-form ENTRYPOINT: the supervisor is PID 1")
 	require.NoError(t, json.Unmarshal(m[1], &args))
-	assert.Equal(t, "/httpserver", args[0])
-	c = parseArgs(t, args[1:])
+	require.Greater(t, len(args), 4)
+	assert.Equal(t, []string{"/gracefulctl", "supervise", "--", "/srv/bin/httpserver"}, args[:4])
+	c = parseArgs(t, args[4:])
 	doc, err := os.ReadFile("../docker/README.md")
 	require.NoError(t, err)
 	m = regexp.MustCompile(`docker stop --time (\d+)`).FindSubmatch(doc)
