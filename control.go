@@ -21,7 +21,9 @@ import (
 // Commands understood by the control socket.
 const (
 	// controlUpgrade runs [Process.Upgrade] and answers with its outcome
-	// once the new process is ready or the attempt has failed.
+	// once the new process is ready or the attempt has failed. While the
+	// previous generation still drains, it first waits for it (at most
+	// UpgradeTimeout) instead of refusing.
 	controlUpgrade = "upgrade"
 	// controlStatus answers with the serving process's PID and phase.
 	controlStatus = "status"
@@ -107,6 +109,12 @@ func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 	case controlUpgrade:
 		log.Info("control socket: upgrade requested", "peer_pid", pid)
 		start := time.Now()
+		// A reload right after another waits for the previous generation
+		// to finish its drain, instead of being refused: the requester
+		// waits for an outcome anyway.
+		ctx, cancel := context.WithTimeout(context.Background(), p.opts.UpgradeTimeout)
+		p.awaitPrevious(ctx)
+		cancel()
 		if err := p.Upgrade(context.Background()); err != nil {
 			p.logUpgradeFailure(err)
 			reply(false, err.Error())

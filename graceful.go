@@ -437,6 +437,9 @@ loop:
 			break loop
 		}
 	}
+	if p.life.get() == PhaseHandingOver {
+		reason = "upgraded" // the servers stop as the hand-over begins: not "a server stopped"
+	}
 	p.life.enter(PhaseDraining) // refused if an upgrade got there first: HandingOver
 	drainErr := p.drain(reason)
 	p.fromParent.wait()

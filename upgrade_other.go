@@ -25,6 +25,8 @@ func (p *Process) listenPacket(network, addr string) (net.PacketConn, error) {
 
 func (p *Process) waitPrevious() error { return ErrNotSupported }
 
+func (p *Process) awaitPrevious(context.Context) {}
+
 func (p *Process) upgrade([]byte) (int, error) { return 0, ErrNotSupported }
 
 func (p *Process) waitParent(context.Context) {}

@@ -178,6 +178,27 @@ func (p *Process) waitPrevious() error {
 	return nil
 }
 
+// awaitPrevious waits, at most until ctx ends, until the previous
+// generation has exited and we have been reparented (waitPrevious then lets
+// an upgrade start).
+func (p *Process) awaitPrevious(ctx context.Context) {
+	if !p.hasParent() || os.Getppid() != p.plat.parentPID {
+		return
+	}
+	p.plat.upg.WaitForParent(ctx) // its pipe closes as it exits
+	// A multi-threaded parent's children move to us only once its last
+	// thread is gone.
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for os.Getppid() == p.plat.parentPID {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
 // upgrade runs tableflip's Upgrade: the child starts, inherits every
 // listener and the hand-off channel, on which state waits for it, and
 // declares itself ready or fails. It returns the child's PID if the child

@@ -142,12 +142,15 @@ func TestSupervise(t *testing.T) {
 	sup.Stdout, sup.Stderr = &logs, &logs
 	require.NoError(t, sup.Start())
 	exited := make(chan int, 1)
+	waited := make(chan struct{}) // logs is complete
 	go func() {
+		defer close(waited)
 		sup.Wait()
 		exited <- sup.ProcessState.ExitCode()
 	}()
 	defer func() {
 		sup.Process.Kill()
+		<-waited
 		if t.Failed() {
 			t.Logf("supervisor and server logs:\n%s", logs.String())
 		}
@@ -156,6 +159,9 @@ func TestSupervise(t *testing.T) {
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 	gens := []int{loadtest.ReadPIDFile(pidfile)}
 	assert.NotEqual(t, sup.Process.Pid, gens[0], "the server is a child of the supervisor")
+	// Every generation is in the first one's process group: a test that
+	// fails midway leaves none behind.
+	defer syscall.Kill(-gens[0], syscall.SIGKILL)
 
 	load := loadtest.StartLoad(addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Slow: 1, SSE: 1, WS: 1})
 	for i := range 3 {
@@ -243,6 +249,7 @@ func TestSupervise(t *testing.T) {
 		require.NoError(t, sup.Start())
 		defer sup.Process.Kill()
 		require.NoError(t, loadtest.WaitReady(ctx, addr))
+		defer syscall.Kill(-loadtest.ReadPIDFile(pidfile), syscall.SIGKILL)
 		require.NoError(t, syscall.Kill(loadtest.ReadPIDFile(pidfile), syscall.SIGKILL))
 		err = sup.Wait()
 		assert.Equal(t, 128+9, sup.ProcessState.ExitCode(), "%v", err)
@@ -303,12 +310,15 @@ func TestSupervisePID1(t *testing.T) {
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	require.NoError(t, cmd.Start())
 	exited := make(chan int, 1)
+	waited := make(chan struct{}) // logs is complete
 	go func() {
+		defer close(waited)
 		cmd.Wait()
 		exited <- cmd.ProcessState.ExitCode()
 	}()
 	defer func() {
 		cmd.Process.Kill() // --kill-child: the namespace goes with it
+		<-waited
 		if t.Failed() {
 			t.Logf("logs:\n%s", logs.String())
 		}

@@ -37,6 +37,9 @@ type Mix struct {
 	// (HTTP/2 with prior knowledge) or "h2" (HTTP/2 over TLS, certificate
 	// not verified). Responses in another protocol count as failures.
 	Proto string
+	// Dial, when set, makes every connection of the load (another network
+	// namespace, say); nil means net.Dialer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Load is running traffic against one address.
@@ -193,8 +196,8 @@ func StartLoad(addr string, mix Mix) *Load {
 		l.requests(ctx, mix, false, func() *http.Request { return get(slowURL) }, "ok")
 	})
 	spawn(mix.KeepAlivePOST, func(ctx context.Context) { l.posts(ctx, mix, base+"/echo") })
-	spawn(mix.SSE, func(ctx context.Context) { l.sse(ctx, base+"/sse") })
-	spawn(mix.WS, func(ctx context.Context) { l.ws(ctx, "ws://"+addr+"/ws") })
+	spawn(mix.SSE, func(ctx context.Context) { l.sse(ctx, mix, base+"/sse") })
+	spawn(mix.WS, func(ctx context.Context) { l.ws(ctx, mix, "ws://"+addr+"/ws") })
 	return l
 }
 
@@ -238,6 +241,9 @@ func NewTransport(proto string, fresh bool) *http.Transport {
 
 func newClient(mix Mix, fresh bool) (*http.Client, *http.Transport) {
 	tr := NewTransport(mix.Proto, fresh)
+	if mix.Dial != nil {
+		tr.DialContext = mix.Dial
+	}
 	return &http.Client{Transport: tr, Timeout: 15 * time.Second}, tr
 }
 
@@ -316,8 +322,8 @@ func pause(ctx context.Context, d time.Duration) {
 }
 
 // sse holds an event stream open, reconnecting whenever it ends.
-func (l *Load) sse(ctx context.Context, url string) {
-	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+func (l *Load) sse(ctx context.Context, mix Mix, url string) {
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: mix.Dial}}
 	for ctx.Err() == nil {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		resp, err := c.Do(req)
@@ -371,8 +377,8 @@ func (l *Load) streamOpenFailed(err error, resp *http.Response) {
 }
 
 // ws keeps a WebSocket echo session going, reconnecting after each close.
-func (l *Load) ws(ctx context.Context, url string) {
-	d := websocket.Dialer{HandshakeTimeout: 10 * time.Second}
+func (l *Load) ws(ctx context.Context, mix Mix, url string) {
+	d := websocket.Dialer{HandshakeTimeout: 10 * time.Second, NetDialContext: mix.Dial}
 	for ctx.Err() == nil {
 		conn, resp, err := d.DialContext(ctx, url, nil)
 		if ctx.Err() != nil {
