@@ -23,9 +23,16 @@
 // (HTTPS with HTTP/2, certificate made at start), -metrics=false (no
 // events hook and no /metrics: the server as without them).
 //
-// Build-time variables (go build -ldflags "-X main.version=v2"): version
-// names the build in the control socket's status and, when set, is sent
-// as an X-Version header.
+// Build-time variables (go build -ldflags "-X main.version=v2 -X
+// main.failRate=0.3 -X main.panicAfter=2s -X main.extraLatency=50ms"), so
+// that anyone can produce a bad build without editing code; empty means
+// none of it:
+//
+//	version       names the build in the control socket's status and is
+//	              sent as an X-Version header
+//	failRate      the fraction (0 to 1) of GET / and POST /echo answered 500
+//	panicAfter    the process panics this long after it starts serving
+//	extraLatency  added to every request
 package main
 
 import (
@@ -35,6 +42,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"strconv"
@@ -50,8 +58,39 @@ import (
 	"github.com/graceful-go/graceful/internal/selfsigned"
 )
 
-// version is set at build time (see the package doc).
-var version string
+// Set at build time (see the package doc).
+var version, failRate, panicAfter, extraLatency string
+
+// faults is what the build-time variables ask this build to do wrong.
+type faults struct {
+	failRate     float64
+	panicAfter   time.Duration
+	extraLatency time.Duration
+}
+
+// parseFaults reads the build-time variables; an error names the one that
+// does not parse.
+func parseFaults() (faults, error) {
+	var f faults
+	var err error
+	if failRate != "" {
+		if f.failRate, err = strconv.ParseFloat(failRate, 64); err != nil || f.failRate < 0 || f.failRate > 1 {
+			return f, fmt.Errorf("build variable main.failRate=%q: want a fraction from 0 to 1", failRate)
+		}
+	}
+	for _, v := range []struct {
+		name, s string
+		d       *time.Duration
+	}{{"panicAfter", panicAfter, &f.panicAfter}, {"extraLatency", extraLatency, &f.extraLatency}} {
+		if v.s == "" {
+			continue
+		}
+		if *v.d, err = time.ParseDuration(v.s); err != nil || *v.d < 0 {
+			return f, fmt.Errorf("build variable main.%s=%q: want a duration such as 2s", v.name, v.s)
+		}
+	}
+	return f, nil
+}
 
 // config is what the command line sets.
 type config struct {
@@ -109,6 +148,10 @@ func main() {
 }
 
 func run(opts graceful.Options, c *config) error {
+	bad, err := parseFaults()
+	if err != nil {
+		return err
+	}
 	var metrics http.Handler
 	if c.metrics {
 		m := gracefulprom.New()
@@ -121,11 +164,18 @@ func run(opts graceful.Options, c *config) error {
 	if err != nil {
 		return err
 	}
+	if bad.panicAfter > 0 {
+		go func() {
+			<-p.Ready()
+			time.Sleep(bad.panicAfter)
+			panic(fmt.Sprintf("panicking %v after serving, as built (main.panicAfter)", bad.panicAfter))
+		}()
+	}
 	ln, err := p.Listen("tcp", c.addr)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: routes(p, metrics), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: routes(p, metrics, bad), ReadHeaderTimeout: 10 * time.Second}
 	if c.h2c {
 		srv.Protocols = new(http.Protocols)
 		srv.Protocols.SetHTTP1(true)
@@ -142,18 +192,34 @@ func run(opts graceful.Options, c *config) error {
 	return p.Run(context.Background())
 }
 
-// routes serves the contract; metrics, if not nil, at /metrics.
-func routes(p *graceful.Process, metrics http.Handler) http.Handler {
+// routes serves the contract; metrics, if not nil, at /metrics; bad makes
+// a bad build.
+func routes(p *graceful.Process, metrics http.Handler, bad faults) http.Handler {
 	pid := strconv.Itoa(os.Getpid())
 	mux := http.NewServeMux()
+	// fail answers 500 to the share of requests a bad build fails.
+	fail := func(w http.ResponseWriter) bool {
+		if bad.failRate > 0 && rand.Float64() < bad.failRate {
+			w.Header().Set("X-Pid", pid)
+			http.Error(w, "failing as built (main.failRate)", http.StatusInternalServerError)
+			return true
+		}
+		return false
+	}
 	if metrics != nil {
 		mux.Handle("GET /metrics", metrics)
 	}
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		if fail(w) {
+			return
+		}
 		w.Header().Set("X-Pid", pid)
 		io.WriteString(w, "ok")
 	})
 	mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
+		if fail(w) {
+			return
+		}
 		// Read it all first: net/http's HTTP/1 server stops reading the
 		// body once the response starts (past 512 bytes).
 		b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 16<<20))
@@ -182,11 +248,20 @@ func routes(p *graceful.Process, metrics http.Handler) http.Handler {
 	mux.HandleFunc("GET /ws", echoWS)
 	mux.Handle("GET /readyz", p.Health().Readiness())
 	mux.Handle("GET /livez", p.Health().Liveness())
-	if version == "" {
+	if version == "" && bad.extraLatency == 0 {
 		return mux
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("X-Version", version)
+		if version != "" {
+			w.Header().Set("X-Version", version)
+		}
+		if bad.extraLatency > 0 {
+			select {
+			case <-time.After(bad.extraLatency):
+			case <-r.Context().Done():
+				return
+			}
+		}
 		mux.ServeHTTP(w, r)
 	})
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -237,4 +238,67 @@ func settled(ctx context.Context, srv *loadtest.Server, limit loadtest.Resources
 		return r, fmt.Errorf("holds %d descriptors and %d goroutines", r.FDs, r.Goroutines)
 	}
 	return r, nil
+}
+
+// TestBadBuilds: the build-time variables make a bad build without editing
+// code: a share of 500s, added latency, a panic after serving; a value that
+// does not parse stops the server with an error naming it.
+func TestBadBuilds(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	const pkg = "github.com/graceful-go/graceful/examples/httpserver"
+	start := func(t *testing.T, ldflags string) (*loadtest.Server, error) {
+		dir := t.TempDir()
+		bin, err := loadtest.BuildWith(ctx, dir, pkg, false, ldflags)
+		require.NoError(t, err)
+		logs, err := os.Create(filepath.Join(dir, "server.log"))
+		require.NoError(t, err)
+		t.Cleanup(func() { logs.Close() })
+		srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: dir, Logs: logs})
+		if srv != nil {
+			t.Cleanup(srv.Kill)
+		}
+		if err != nil {
+			b, _ := os.ReadFile(logs.Name())
+			return nil, fmt.Errorf("%w: %s", err, b)
+		}
+		return srv, nil
+	}
+
+	t.Run("failRate and extraLatency", func(t *testing.T) {
+		srv, err := start(t, "-X main.version=v2 -X main.failRate=0.5 -X main.extraLatency=50ms")
+		require.NoError(t, err)
+		c := &http.Client{Timeout: 10 * time.Second}
+		failed := 0
+		const n = 100
+		for range n {
+			began := time.Now()
+			resp, _ := call(t, c, http.MethodGet, "http://"+srv.Addr+"/", "")
+			assert.GreaterOrEqual(t, time.Since(began), 50*time.Millisecond)
+			assert.Equal(t, "v2", resp.Header.Get("X-Version"))
+			if resp.StatusCode == http.StatusInternalServerError {
+				failed++
+			} else {
+				assert.Equal(t, http.StatusOK, resp.StatusCode)
+			}
+		}
+		assert.InDelta(t, n/2, failed, 25, "about half answered 500")
+		resp, _ := call(t, c, http.MethodGet, "http://"+srv.Addr+"/livez", "")
+		assert.Equal(t, http.StatusOK, resp.StatusCode, "only GET / and POST /echo fail")
+	})
+
+	t.Run("panicAfter", func(t *testing.T) {
+		srv, err := start(t, "-X main.panicAfter=300ms")
+		require.NoError(t, err)
+		code, err := srv.WaitExit(ctx, srv.PID())
+		require.NoError(t, err)
+		assert.Equal(t, 2, code, "a Go panic exits 2")
+	})
+
+	t.Run("bad value", func(t *testing.T) {
+		_, err := start(t, "-X main.failRate=lots")
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), `build variable main.failRate=`)
+		assert.Contains(t, err.Error(), `want a fraction from 0 to 1`)
+	})
 }

@@ -24,10 +24,19 @@ import (
 // Build compiles the Go package pkg (an import path inside this module)
 // into dir and returns the binary's path.
 func Build(ctx context.Context, dir, pkg string, race bool) (string, error) {
+	return BuildWith(ctx, dir, pkg, race, "")
+}
+
+// BuildWith is Build with -ldflags (for example "-X main.version=v2"), the
+// binary named after pkg in dir.
+func BuildWith(ctx context.Context, dir, pkg string, race bool, ldflags string) (string, error) {
 	out := filepath.Join(dir, filepath.Base(pkg))
 	args := []string{"build", "-o", out}
 	if race {
 		args = append(args, "-race")
+	}
+	if ldflags != "" {
+		args = append(args, "-ldflags", ldflags)
 	}
 	args = append(args, pkg)
 	cmd := exec.CommandContext(ctx, "go", args...)
