@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -136,6 +138,7 @@ type Status struct {
 	PID        int             `json:"pid"`
 	Generation int             `json:"generation"`
 	Build      string          `json:"build"`
+	Executable string          `json:"executable,omitempty"` // the file an upgrade starts: os.Args[0], absolute
 	Started    time.Time       `json:"started"`
 	Phase      Phase           `json:"phase"`
 	Upgrades   []UpgradeRecord `json:"upgrades"` // the last ones (at most 10), oldest first, across generations
@@ -189,7 +192,26 @@ type record struct {
 }
 
 func newRecord(build string) *record {
-	return &record{status: Status{PID: os.Getpid(), Generation: 1, Build: build, Started: time.Now()}, attempt: -1}
+	return &record{status: Status{PID: os.Getpid(), Generation: 1, Build: build, Executable: executable(), Started: time.Now()}, attempt: -1}
+}
+
+// executable returns the absolute path of the file an upgrade starts:
+// os.Args[0] as the upgrade finds it (links not followed: a deploy
+// replaces what the upgrade runs), or "" if it cannot be found.
+func executable() string {
+	name := os.Args[0]
+	if !strings.Contains(name, "/") {
+		found, err := exec.LookPath(name)
+		if err != nil {
+			return ""
+		}
+		name = found
+	}
+	abs, err := filepath.Abs(name)
+	if err != nil {
+		return ""
+	}
+	return abs
 }
 
 // buildName names the running binary: version, else the main module's

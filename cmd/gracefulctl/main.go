@@ -8,7 +8,16 @@
 //	gracefulctl -socket /run/myapi/control.sock upgrade
 //	gracefulctl -socket /run/myapi/control.sock status
 //	gracefulctl -socket /run/myapi/control.sock status -json
+//	gracefulctl -socket /run/myapi/control.sock deploy ./myapi-v2
+//	gracefulctl -socket /run/myapi/control.sock rollback
 //	gracefulctl supervise -- /usr/local/bin/myapi -addr :8080
+//
+// deploy NEWBINARY checks the file (exists, executable, a program for this
+// machine or a script), installs it atomically at the running binary's
+// path (the replaced one kept as PATH.previous) and upgrades; if the
+// upgrade fails it puts the previous binary back before exiting 1, so that
+// no restart ever starts the refused version. rollback reinstates
+// PATH.previous the same way.
 //
 // status prints "pid N PHASE" on its first line, then the generation, the
 // build, the uptime and the last upgrades with their outcomes and timings;
@@ -56,7 +65,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	socket := fs.String("socket", "", "path of the server's control socket (required)")
 	timeout := fs.Duration("timeout", 0, "give up waiting after this long (0: wait for the server's answer, which its UpgradeTimeout bounds)")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: gracefulctl -socket PATH [-timeout D] upgrade|status [-json]\n       gracefulctl supervise [--] SERVER [ARGS...]\n")
+		fmt.Fprintf(stderr, "usage: gracefulctl -socket PATH [-timeout D] upgrade|status [-json]|deploy NEWBINARY|rollback\n       gracefulctl supervise [--] SERVER [ARGS...]\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -77,12 +86,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fs.Usage()
 			return 2
 		}
-	case cmd == "upgrade" && fs.NArg() == 1:
-	case cmd == "upgrade":
+	case (cmd == "upgrade" || cmd == "rollback") && fs.NArg() == 1:
+	case cmd == "deploy" && fs.NArg() == 2:
+	case cmd == "upgrade", cmd == "rollback", cmd == "deploy":
 		fs.Usage()
 		return 2
 	default:
-		fmt.Fprintf(stderr, "gracefulctl: unknown command %q (want upgrade or status)\n", cmd)
+		fmt.Fprintf(stderr, "gracefulctl: unknown command %q (want upgrade, status, deploy or rollback)\n", cmd)
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -100,6 +110,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		msg, err = control.Upgrade(ctx, *socket)
 	case "status":
 		msg, err = status(ctx, *socket, asJSON)
+	case "deploy":
+		msg, err = deploy(ctx, *socket, fs.Arg(1))
+	case "rollback":
+		msg, err = rollback(ctx, *socket)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "gracefulctl: %s failed after %v: %v\n", cmd, time.Since(start).Round(time.Millisecond), err)
@@ -132,6 +146,9 @@ func describe(st graceful.Status, now time.Time) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "pid %d %s\n", st.PID, st.Phase)
 	fmt.Fprintf(&b, "generation %d, build %s, up %v\n", st.Generation, st.Build, now.Sub(st.Started).Round(time.Second))
+	if st.Executable != "" {
+		fmt.Fprintf(&b, "binary %s\n", st.Executable)
+	}
 	t := st.Totals
 	fmt.Fprintf(&b, "upgrades: %d succeeded, %d failed; drains: %d (connections handed %d, not handed %d, retired %d, expired %d, forced %d)",
 		t.Succeeded, t.Failed, t.Drains, t.Drain.Handed, t.Drain.NotHanded, t.Drain.Retired, t.Drain.Expired, t.Drain.Forced)
