@@ -136,25 +136,9 @@ func TestSupervise(t *testing.T) {
 	require.NoError(t, err)
 	pidfile := filepath.Join(dir, "server.pid")
 
-	var logs bytes.Buffer
 	sup := exec.Command(ctl, "supervise", "--", server, "-addr", addr, "-pidfile", pidfile)
 	sup.Env = append(os.Environ(), "NOTIFY_SOCKET="+ns.path)
-	sup.Stdout, sup.Stderr = &logs, &logs
-	require.NoError(t, sup.Start())
-	exited := make(chan int, 1)
-	waited := make(chan struct{}) // logs is complete
-	go func() {
-		defer close(waited)
-		sup.Wait()
-		exited <- sup.ProcessState.ExitCode()
-	}()
-	defer func() {
-		sup.Process.Kill()
-		<-waited
-		if t.Failed() {
-			t.Logf("supervisor and server logs:\n%s", logs.String())
-		}
-	}()
+	exited := startWatched(t, sup)
 	next := ns.waitFor(t, 0, "READY=1")
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 	gens := []int{loadtest.ReadPIDFile(pidfile)}
@@ -302,28 +286,12 @@ func TestSupervisePID1(t *testing.T) {
 	require.NoError(t, err)
 	pidfile := filepath.Join(dir, "server.pid") // PIDs of the namespace: they only tell generations apart
 
-	var logs bytes.Buffer
 	// The shell leaves an orphan (its subshell exits at once), then
 	// becomes the server.
 	cmd := exec.Command(unshare, "--pid", "--fork", "--kill-child", "--", ctl, "supervise", "--",
 		"sh", "-c", `(sleep 0.2 &); exec "$0" "$@"`, server, "-addr", addr, "-pidfile", pidfile)
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	require.NoError(t, cmd.Start())
-	exited := make(chan int, 1)
-	waited := make(chan struct{}) // logs is complete
-	go func() {
-		defer close(waited)
-		cmd.Wait()
-		exited <- cmd.ProcessState.ExitCode()
-	}()
-	defer func() {
-		cmd.Process.Kill() // --kill-child: the namespace goes with it
-		<-waited
-		if t.Failed() {
-			t.Logf("logs:\n%s", logs.String())
-		}
-	}()
-	var sup int // the supervisor's PID out here; 1 inside
+	exited := startWatched(t, cmd) // killing unshare (--kill-child) ends the namespace
+	var sup int                    // the supervisor's PID out here; 1 inside
 	for deadline := time.Now().Add(30 * time.Second); sup == 0; time.Sleep(5 * time.Millisecond) {
 		require.False(t, time.Now().After(deadline), "unshare started no supervisor")
 		if c := loadtest.Children(cmd.Process.Pid); len(c) == 1 {
@@ -370,4 +338,29 @@ func TestSupervisePID1(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("PID 1 did not exit")
 	}
+}
+
+// startWatched starts cmd with its output collected, and returns the
+// channel of its exit code. When the test ends cmd is killed and, if the
+// test failed, its output logged.
+func startWatched(t *testing.T, cmd *exec.Cmd) <-chan int {
+	t.Helper()
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	require.NoError(t, cmd.Start())
+	exited := make(chan int, 1)
+	waited := make(chan struct{}) // logs is complete
+	go func() {
+		defer close(waited)
+		cmd.Wait()
+		exited <- cmd.ProcessState.ExitCode()
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-waited
+		if t.Failed() {
+			t.Logf("output of %s:\n%s", cmd.Path, logs.String())
+		}
+	})
+	return exited
 }
