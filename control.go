@@ -23,7 +23,7 @@ const (
 	// controlUpgrade runs [Process.Upgrade] and answers with its outcome
 	// once the new process is ready or the attempt has failed. While the
 	// previous generation still drains, it first waits for it (at most
-	// UpgradeTimeout) instead of refusing.
+	// DrainTimeout and a margin) instead of refusing.
 	controlUpgrade = "upgrade"
 	// controlStatus answers with the serving process's PID and phase.
 	controlStatus = "status"
@@ -112,7 +112,7 @@ func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 		// A reload right after another waits for the previous generation
 		// to finish its drain, instead of being refused: the requester
 		// waits for an outcome anyway.
-		ctx, cancel := context.WithTimeout(context.Background(), p.opts.UpgradeTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout+drainMargin) // what its drain may take
 		p.awaitPrevious(ctx)
 		cancel()
 		if err := p.Upgrade(context.Background()); err != nil {

@@ -12,12 +12,15 @@
 // becomes a child subreaper, so that each generation is reparented to it
 // when its predecessor exits. It forwards SIGHUP, SIGTERM, SIGINT, SIGQUIT,
 // SIGUSR1 and SIGUSR2 to the current generation; it reaps every process
-// reparented to it (as PID 1, every orphan of the container); it relays
+// reparented to it while it runs (as PID 1, every orphan of the
+// container); it relays
 // READY=1, RELOADING=1, STOPPING=1, EXTEND_TIMEOUT_USEC=, WATCHDOG=1 and
 // the current generation's STATUS= to its own manager, never MAINPID=, so
 // that its own PID stays the main one. When the current generation exits
 // without a successor, the supervisor exits with its status (128+N for a
-// signal N).
+// signal N); one that dies while still its predecessor's child (its status
+// goes there) makes it exit 1. It needs /proc to show its PID namespace
+// (as PID 1, a /proc of the container's own).
 //
 // Sockets passed by socket activation (LISTEN_FDS) are passed on to the
 // first generation, with LISTEN_PID naming it. The supervisor does not

@@ -12,7 +12,9 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
@@ -63,12 +65,12 @@ func run(ctx context.Context, cfg Config) (int, error) {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return 0, fmt.Errorf("supervisor: becoming a child subreaper: %w", err)
 	}
-	dir, err := os.MkdirTemp("", "graceful-supervisor-")
-	if err != nil {
-		return 0, fmt.Errorf("supervisor: %w", err)
-	}
-	defer os.RemoveAll(dir)
-	addr := &net.UnixAddr{Name: filepath.Join(dir, "notify"), Net: "unixgram"}
+	// Nothing we were given leaks to the server but what command passes
+	// on (socket-activated descriptors, by ExtraFiles).
+	unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
+	// An abstract socket: nothing on disk to leave behind, even if we are
+	// killed, and no writable directory needed.
+	addr := &net.UnixAddr{Name: fmt.Sprintf("@graceful-supervisor-%d-%d", os.Getpid(), time.Now().UnixNano()), Net: "unixgram"}
 	sock, err := net.ListenUnixgram("unixgram", addr)
 	if err != nil {
 		return 0, fmt.Errorf("supervisor: notify socket: %w", err)
@@ -97,17 +99,24 @@ func run(ctx context.Context, cfg Config) (int, error) {
 	if err := cmd.Start(); err != nil {
 		return 0, fmt.Errorf("supervisor: starting %s: %w", cfg.Command[0], err)
 	}
+	for _, f := range cmd.ExtraFiles {
+		f.Close() // the server has them now
+	}
 	main := cmd.Process.Pid
 	cmd.Process.Release() // reaped below, with every other child
 	log.Info("supervising", "pid", os.Getpid(), "server", main)
+	if !procMatches() {
+		log.Warn("/proc is not this PID namespace's (mount a /proc of its own): a generation that dies under its predecessor is not noticed")
+	}
 
 	msgs := make(chan message, 64)
-	readDone := make(chan struct{})
+	readDone, stopRead := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(readDone)
-		readMessages(sock, msgs)
+		readMessages(sock, msgs, stopRead)
 	}()
 	defer func() {
+		close(stopRead)
 		sock.Close()
 		<-readDone
 	}()
@@ -120,17 +129,42 @@ func run(ctx context.Context, cfg Config) (int, error) {
 			}
 		}
 	}
-	exitCode, mainExited, barrierSent := 0, false, false
+	// A barrier orders what we do against what the server said before:
+	// signals go to the main PID as of their arrival, and the decision
+	// that the service ended waits for a successor's MAINPID= sent
+	// before its predecessor's exit.
+	var pending []syscall.Signal
+	barrierSent := false
+	sendBarrier := func() bool {
+		if barrierSent {
+			return true
+		}
+		if _, err := self.Write([]byte(barrier)); err != nil {
+			log.Error("notify socket: barrier", "err", err)
+			return false
+		}
+		barrierSent = true
+		return true
+	}
+	exitCode, mainExited := 0, false
+	var grace <-chan time.Time // waiting for a successor to announce itself
+	check := time.NewTicker(200 * time.Millisecond)
+	defer check.Stop()
 	ctxDone := ctx.Done()
 	for {
 		select {
 		case <-ctxDone:
 			ctxDone = nil
-			unix.Kill(main, unix.SIGTERM)
+			pending = append(pending, unix.SIGTERM)
+			if !sendBarrier() {
+				return exitCode, nil
+			}
 		case sig := <-sigs:
 			if sig != unix.SIGCHLD {
-				log.Info("forwarding signal", "signal", sig.String(), "to", main)
-				unix.Kill(main, sig.(syscall.Signal))
+				pending = append(pending, sig.(syscall.Signal))
+				if !sendBarrier() {
+					return exitCode, nil
+				}
 				continue
 			}
 			for {
@@ -139,37 +173,102 @@ func run(ctx context.Context, cfg Config) (int, error) {
 				if pid <= 0 || err != nil {
 					break
 				}
-				if pid == main {
+				if pid == main && !mainExited {
 					mainExited, exitCode = true, status(ws)
 					log.Info("server exited", "pid", pid, "code", exitCode)
 				}
 			}
-			if mainExited && !barrierSent {
-				// Messages the server sent before it exited (a successor's
-				// MAINPID=) may still wait in the socket: decide once they
-				// are handled.
-				if _, err := self.Write([]byte(barrier)); err != nil {
+			if mainExited && !sendBarrier() {
+				return exitCode, nil
+			}
+		case <-check.C:
+			// A generation that is not our child (it was its
+			// predecessor's, which reaps it) can die unseen by wait4.
+			if !mainExited && gone(main) {
+				mainExited, exitCode = true, 1
+				log.Error("server exited; its status went to its parent", "pid", main)
+				if !sendBarrier() {
 					return exitCode, nil
 				}
-				barrierSent = true
 			}
+		case <-grace:
+			log.Info("no generation announced itself; exiting", "code", exitCode)
+			return exitCode, nil
 		case m := <-msgs:
-			if m.fields[strings.SplitN(barrier, "=", 2)[0]] != "" && m.pid == os.Getpid() {
+			if m.pid == os.Getpid() && m.fields[barrierKey] != "" {
 				barrierSent = false
-				if mainExited {
+				if !mainExited {
+					for _, sig := range pending {
+						log.Info("forwarding signal", "signal", sig.String(), "to", main)
+						unix.Kill(main, sig)
+					}
+					pending = nil
+					continue
+				}
+				if grace == nil && len(liveChildren()) > 0 {
+					// A successor reparented to us may not have spoken
+					// yet (its predecessor died before announcing it).
+					grace = time.After(successorGrace)
+					continue
+				}
+				if grace == nil {
 					return exitCode, nil
 				}
 				continue
 			}
 			if next := handle(m, main, notify); next != main {
 				log.Info("new generation", "pid", next, "previous", main)
-				main = next
-				if mainExited {
-					mainExited = false // the successor serves on
+				main, mainExited, grace = next, false, nil
+				if len(pending) > 0 && !sendBarrier() {
+					return exitCode, nil
 				}
 			}
 		}
 	}
+}
+
+// barrierKey is the field of the barrier message.
+var barrierKey, _, _ = strings.Cut(barrier, "=")
+
+// successorGrace is how long, after the main process exited, a live child
+// has to announce itself as the next generation.
+const successorGrace = 2 * time.Second
+
+// procMatches reports whether /proc shows our PID namespace (a PID
+// namespace entered without a /proc of its own sees another's), without
+// which the supervisor cannot look at other processes.
+var procMatches = sync.OnceValue(func() bool {
+	self, err := os.Readlink("/proc/self")
+	return err == nil && self == strconv.Itoa(os.Getpid())
+})
+
+// gone reports whether pid has exited (or is a zombie) without being our
+// child: wait4 will not report it.
+func gone(pid int) bool {
+	if !procMatches() {
+		return false
+	}
+	ppid, state := procStat(pid)
+	if state == "" {
+		return true
+	}
+	return state == "Z" && ppid != os.Getpid()
+}
+
+// liveChildren returns our children that are not zombies.
+func liveChildren() []int {
+	if !procMatches() {
+		return nil
+	}
+	paths, _ := filepath.Glob("/proc/[0-9]*/stat")
+	var out []int
+	for _, p := range paths {
+		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		if ppid, state := procStat(pid); ppid == os.Getpid() && state != "Z" && state != "" {
+			out = append(out, pid)
+		}
+	}
+	return out
 }
 
 // handle acts on one notify message and returns the main PID after it.
@@ -177,9 +276,12 @@ func handle(m message, main int, notify func(...string)) int {
 	if v, ok := m.fields["MAINPID"]; ok {
 		pid, err := strconv.Atoi(v)
 		// From the current generation about its successor, or from a
-		// successor (a child of the current generation) about itself.
-		if err == nil && pid > 0 && pid != main && (m.pid == main || m.pid == pid && parentOf(pid) == main) {
-			main = pid
+		// successor about itself; either way a child of the current
+		// generation, or of ours once its parent is gone.
+		if err == nil && pid > 0 && pid != main && (m.pid == main || m.pid == pid) {
+			if ppid, _ := procStat(pid); ppid == main || ppid == os.Getpid() || !procMatches() {
+				main = pid
+			}
 		}
 	}
 	if m.pid != main {
@@ -200,8 +302,8 @@ func handle(m message, main int, notify func(...string)) int {
 }
 
 // readMessages delivers the notify messages that arrive on sock until it is
-// closed.
-func readMessages(sock *net.UnixConn, out chan<- message) {
+// closed or stop is.
+func readMessages(sock *net.UnixConn, out chan<- message, stop <-chan struct{}) {
 	buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(unix.SizeofUcred))
 	for {
 		n, oobn, _, _, err := sock.ReadMsgUnix(buf, oob)
@@ -222,7 +324,11 @@ func readMessages(sock *net.UnixConn, out chan<- message) {
 				m.lines = append(m.lines, line)
 			}
 		}
-		out <- m
+		select {
+		case out <- m:
+		case <-stop:
+			return
+		}
 	}
 }
 
@@ -272,17 +378,18 @@ func status(ws unix.WaitStatus) int {
 	return ws.ExitStatus()
 }
 
-// parentOf returns pid's parent, or 0.
-func parentOf(pid int) int {
+// procStat returns pid's parent and state ("R", "S", "Z", ...), or 0 and
+// "" if there is no such process.
+func procStat(pid int) (ppid int, state string) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0
+		return 0, ""
 	}
 	s := string(b)
 	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
 	if len(f) < 2 {
-		return 0
+		return 0, ""
 	}
-	ppid, _ := strconv.Atoi(f[1])
-	return ppid
+	ppid, _ = strconv.Atoi(f[1])
+	return ppid, f[0]
 }

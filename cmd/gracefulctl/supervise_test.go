@@ -288,7 +288,8 @@ func TestSupervisePID1(t *testing.T) {
 
 	// The shell leaves an orphan (its subshell exits at once), then
 	// becomes the server.
-	cmd := exec.Command(unshare, "--pid", "--fork", "--kill-child", "--", ctl, "supervise", "--",
+	// A /proc of its own, as a container has.
+	cmd := exec.Command(unshare, "--pid", "--mount-proc", "--fork", "--kill-child", "--", ctl, "supervise", "--",
 		"sh", "-c", `(sleep 0.2 &); exec "$0" "$@"`, server, "-addr", addr, "-pidfile", pidfile)
 	exited := startWatched(t, cmd) // killing unshare (--kill-child) ends the namespace
 	var sup int                    // the supervisor's PID out here; 1 inside
@@ -347,6 +348,9 @@ func startWatched(t *testing.T, cmd *exec.Cmd) <-chan int {
 	t.Helper()
 	var logs bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
+	// Generations left behind hold the output pipe: the exit code must not
+	// wait for them.
+	cmd.WaitDelay = 500 * time.Millisecond
 	require.NoError(t, cmd.Start())
 	exited := make(chan int, 1)
 	waited := make(chan struct{}) // logs is complete
@@ -363,4 +367,54 @@ func startWatched(t *testing.T, cmd *exec.Cmd) <-chan int {
 		}
 	})
 	return exited
+}
+
+// TestSuperviseSuccessorDies: a new generation that dies while its
+// predecessor still drains is its predecessor's child, so its exit status
+// goes there, not to the supervisor; the supervisor notices anyway and
+// exits 1, so that its manager restarts the service, instead of running on
+// with nothing serving.
+func TestSuperviseSuccessorDies(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	require.NoError(t, loadtest.BecomeSubreaper())
+	dir := t.TempDir()
+	ctl, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/cmd/gracefulctl", false)
+	require.NoError(t, err)
+	good, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
+	require.NoError(t, err)
+	bad, err := loadtest.BuildWith(ctx, filepath.Join(dir, "bad"), "github.com/graceful-go/graceful/examples/httpserver", false, "-X main.panicAfter=200ms")
+	require.NoError(t, err)
+	live := filepath.Join(dir, "srv", "httpserver")
+	require.NoError(t, os.MkdirAll(filepath.Dir(live), 0o755))
+	b, err := os.ReadFile(good)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(live, b, 0o755))
+	addr, err := loadtest.FreeAddr()
+	require.NoError(t, err)
+	pidfile := filepath.Join(dir, "server.pid")
+	sup := exec.Command(ctl, "supervise", "--", live, "-addr", addr, "-pidfile", pidfile)
+	exited := startWatched(t, sup)
+	require.NoError(t, loadtest.WaitReady(ctx, addr))
+	defer syscall.Kill(-loadtest.ReadPIDFile(pidfile), syscall.SIGKILL)
+
+	// A request that keeps the old generation draining for 5 s.
+	c, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer c.Close()
+	_, err = io.WriteString(c, "GET /slow?ms=5000 HTTP/1.1\r\nHost: t\r\n\r\n")
+	require.NoError(t, err)
+
+	b, err = os.ReadFile(bad)
+	require.NoError(t, err)
+	require.NoError(t, loadtest.WriteExecutable(live, bytes.NewReader(b)))
+	start := time.Now()
+	require.NoError(t, sup.Process.Signal(syscall.SIGHUP))
+	select {
+	case code := <-exited:
+		assert.Equal(t, 1, code)
+		assert.Less(t, time.Since(start), 5*time.Second, "before the old generation finished its drain")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the supervisor runs on with no server")
+	}
 }

@@ -78,6 +78,7 @@ func TestRecipes(t *testing.T) {
 			assert.GreaterOrEqual(t, seconds(t, k["TimeoutStopSec"]), c.delay+c.drain+margin)
 			assert.Greater(t, seconds(t, k["TimeoutStartSec"]), c.upgrade, "the reload is bounded by -upgrade-timeout")
 			if k["Type"] == "notify" {
+				assert.Greater(t, seconds(t, k["TimeoutStartSec"]), c.drain+margin+c.upgrade, "a reload through gracefulctl first waits for the previous drain")
 				reload := strings.Fields(k["ExecReload"])
 				require.Equal(t, []string{"/usr/local/bin/gracefulctl", "-socket", c.control, "upgrade"}, reload)
 				assert.NotEmpty(t, c.control)

@@ -34,16 +34,21 @@ const outer = `set -e
 W=$1 BOOT=$2
 mkdir -p $W/cg
 mount -t cgroup2 none $W/cg
+ORIG=$W/cg$(sed -n 's/^0:://p' /proc/self/cgroup)
 CG=$W/cg/graceful-test-$$
 mkdir $CG
+cleanup() {
+	# systemd's own sub-cgroups first; whatever is left says so.
+	[ -d $CG ] && find $CG -depth -type d -exec rmdir {} + || true
+	umount $W/cg
+}
+trap cleanup EXIT
 ( echo $BASHPID > $CG/cgroup.procs; exec unshare --pid --mount --uts --ipc --net --cgroup --fork --kill-child bash $BOOT $W ) &
 HELPER=$!
 i=0; while [ ! -e $W/forked ]; do i=$((i+1)); [ $i -lt 3000 ] || exit 1; sleep 0.01; done
-echo $HELPER > $W/cg/cgroup.procs
+echo $HELPER > $ORIG/cgroup.procs
 touch $W/go
 status=0; wait $HELPER || status=$?
-rmdir $CG 2>/dev/null || true
-umount $W/cg
 exit $status
 `
 
@@ -113,6 +118,7 @@ func bootMachine(t *testing.T, ctx context.Context, bins, units []string) *machi
 	var logs bytes.Buffer
 	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--", "bash", "-c", outer, "outer", w, bootFile)
 	cmd.Stdout, cmd.Stderr = &logs, &logs
+	cmd.WaitDelay = 5 * time.Second // the machine's processes hold the output pipe
 	require.NoError(t, cmd.Start())
 	done := make(chan struct{})
 	go func() {
@@ -127,7 +133,12 @@ func bootMachine(t *testing.T, ctx context.Context, bins, units []string) *machi
 		select {
 		case <-done:
 		case <-time.After(30 * time.Second):
-			cmd.Process.Kill() // --kill-child ends the namespaces with the helper
+			// SIGKILL to PID 1 ends its namespace; the helper and the
+			// outer shell follow.
+			if m.pid != 0 {
+				unix.Kill(m.pid, unix.SIGKILL)
+			}
+			cmd.Process.Kill()
 			<-done
 		}
 		if t.Failed() {
