@@ -26,11 +26,7 @@ import (
 func TestReload(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	ctl, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/cmd/gracefulctl", false)
-	require.NoError(t, err)
-	server, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
-	require.NoError(t, err)
+	dir, ctl, server := buildTools(t, ctx)
 	good, err := os.ReadFile(server)
 	require.NoError(t, err)
 	logs, err := os.Create(filepath.Join(dir, "server.log"))
@@ -130,4 +126,16 @@ func TestReload(t *testing.T) {
 		b, _ := os.ReadFile(logs.Name())
 		t.Logf("server logs:\n%s", b)
 	}
+}
+
+// buildTools builds gracefulctl and the reference server into a temporary
+// directory, which it returns with their paths.
+func buildTools(t *testing.T, ctx context.Context) (dir, ctl, server string) {
+	t.Helper()
+	dir = t.TempDir()
+	ctl, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/cmd/gracefulctl", false)
+	require.NoError(t, err)
+	server, err = loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
+	require.NoError(t, err)
+	return dir, ctl, server
 }
