@@ -188,7 +188,9 @@ func TestFaultUpgradeStorm(t *testing.T) {
 // nothing can answer it) and nothing else: other requests are answered and
 // the process drains and exits 0.
 func TestFaultPanicDuringDrain(t *testing.T) {
-	h := startHelper(t, nil, loadtest.Config{})
+	// The request during the drain reuses an idle connection: a long
+	// IdleGrace keeps it open for that request however slow the machine.
+	h := startHelper(t, []string{"-idle-grace", "10s"}, loadtest.Config{})
 	c := &http.Client{Timeout: 10 * time.Second}
 	panicked := make(chan error, 1)
 	go func() {
