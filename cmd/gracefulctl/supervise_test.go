@@ -156,13 +156,7 @@ func TestSupervise(t *testing.T) {
 		gens = append(gens, pid)
 		// The old generation exits, reaped, and the new one is reparented
 		// to the supervisor (only then may the next upgrade start).
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-			all, zombies := childrenOf(sup.Process.Pid)
-			if len(all) == 1 && all[0] == pid && zombies == 0 {
-				break
-			}
-			require.False(t, time.Now().After(deadline), "upgrade %d: the supervisor has children %v (%d zombies)", i, all, zombies)
-		}
+		require.Equal(t, pid, onlyChildBut(t, fmt.Sprintf("upgrade %d", i), sup.Process.Pid, gens[len(gens)-2]))
 	}
 	stats := load.Stop()
 	assert.Zero(t, stats.Failed(), "failures: %v %v", stats.Failures, stats.Samples)
@@ -293,20 +287,9 @@ func TestSupervisePID1(t *testing.T) {
 	}
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 
-	// onlyChildBut waits until PID 1 has one child, not old and not a
-	// zombie, and returns it.
-	onlyChildBut := func(what string, old int) int {
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-			all, zombies := childrenOf(sup)
-			if len(all) == 1 && zombies == 0 && all[0] != old {
-				return all[0]
-			}
-			require.False(t, time.Now().After(deadline), "%s: PID 1 has children %v (%d zombies)", what, all, zombies)
-		}
-	}
 	// The orphan was reparented to PID 1 and reaped: only the server is
 	// left as its child.
-	child := onlyChildBut("start-up", 0)
+	child := onlyChildBut(t, "start-up", sup, 0)
 
 	load := loadtest.StartLoad(addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Slow: 1, SSE: 1, WS: 1})
 	gen := loadtest.ReadPIDFile(pidfile)
@@ -318,7 +301,7 @@ func TestSupervisePID1(t *testing.T) {
 		gen = loadtest.ReadPIDFile(pidfile)
 		// The old generation exits, reaped; the new one is reparented to
 		// PID 1.
-		child = onlyChildBut(fmt.Sprintf("upgrade %d", i), child)
+		child = onlyChildBut(t, fmt.Sprintf("upgrade %d", i), sup, child)
 	}
 	stats := load.Stop()
 	assert.Zero(t, stats.Failed(), "failures: %v %v", stats.Failures, stats.Samples)
@@ -404,5 +387,18 @@ func TestSuperviseSuccessorDies(t *testing.T) {
 		assert.Less(t, time.Since(start), 5*time.Second, "before the old generation finished its drain")
 	case <-time.After(30 * time.Second):
 		t.Fatal("the supervisor runs on with no server")
+	}
+}
+
+// onlyChildBut waits until parent has one child, not old and not a zombie
+// (every other one exited and reaped), and returns it.
+func onlyChildBut(t *testing.T, what string, parent, old int) int {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		all, zombies := childrenOf(parent)
+		if len(all) == 1 && zombies == 0 && all[0] != old {
+			return all[0]
+		}
+		require.False(t, time.Now().After(deadline), "%s: %d has children %v (%d zombies)", what, parent, all, zombies)
 	}
 }
