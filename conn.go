@@ -142,6 +142,12 @@ type tracker struct {
 	key     string       // the listener's address: where the successor serves what it receives
 	raw     bool         // ServeConns: its connections may be passed on with HandOff
 
+	// During a probation (probation.go): divert passes new connections to
+	// the canary, and with selective only the open ones marked toCanary are
+	// claimed (send is set), not every idle one as in a drain.
+	divert    atomic.Pointer[diverter]
+	selective atomic.Bool
+
 	// testAfterRead, set only by tests, runs between a Read's return from
 	// the socket with bytes and its state change, to order a claim against
 	// it; b is the Read's buffer.
@@ -245,7 +251,7 @@ func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
 			tc.seenAt.Store(tc.since.UnixNano())
 		}
 	}
-	if (s == http.StateIdle || s == http.StateNew) && t.send.Load() != nil {
+	if (s == http.StateIdle || s == http.StateNew) && t.send.Load() != nil && (tc.toCanary || !t.selective.Load()) {
 		// Claimed before net/http's next read, which then sees EOF. (A new
 		// connection during a drain is one our parent handed us late.)
 		tc.claimLocked()
@@ -334,11 +340,17 @@ type trackedListener struct {
 }
 
 func (l *trackedListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil || l.preTracked {
-		return c, err
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil || l.preTracked {
+			return c, err
+		}
+		if d := l.t.divert.Load(); d != nil && d.pick() {
+			d.divert(l.t.key, c) // during a probation: the canary's
+			continue
+		}
+		return l.t.add(c), nil
 	}
-	return l.t.add(c), nil
 }
 
 // Close stops accepting. The socket itself stays open in any successor.
@@ -370,6 +382,7 @@ type trackedConn struct {
 	since    time.Time // accepted, or last went idle
 	preDrain bool      // active when the drain started: its response may lack "Connection: close"
 	tls      *tls.Conn
+	toCanary bool // chosen for the canary during a probation: claimed when idle
 
 	closeOnce sync.Once
 	closeErr  error
@@ -602,12 +615,18 @@ func (c *trackedConn) beginHandOff() bool {
 // read-drain, as without a successor.
 func (c *trackedConn) handOff() {
 	defer close(c.handDone)
+	// A probation's hand-offs are not the drain's: only the drain counts.
+	counted := !c.t.selective.Load()
 	if send := c.t.send.Load(); send != nil && (*send)(c.Conn) == nil {
 		c.to(connHanding, connHanded)
-		c.t.handed.Add(1)
+		if counted {
+			c.t.handed.Add(1)
+		}
 		return
 	}
-	c.t.kept.Add(1)
+	if counted {
+		c.t.kept.Add(1)
+	}
 	c.to(connHanding, connRetired)
 	// net/http has stopped reading: the read-drain of invariant 4 is ours.
 	c.CloseWrite()

@@ -58,7 +58,7 @@ func (p *Process) listenControl(path string) error {
 		ln.Close()
 		return fmt.Errorf("graceful: control socket %s: %w", path, err)
 	}
-	p.serveConns(ln, p.handleControl, true)
+	p.serveConns(p.gate(ln), p.handleControl, true) // the old process answers until a canary is promoted
 	return nil
 }
 

@@ -26,17 +26,25 @@ import (
 // connections are told goodbye only once Shutdown has sent it (see
 // Goodbye).
 func (p *Process) beginDrain() {
-	ctx, cancel := context.WithTimeout(context.Background(), p.opts.DrainTimeout)
 	p.mu.Lock()
+	deadline := time.Now().Add(p.opts.DrainTimeout)
+	if !p.drainBy.IsZero() && p.drainBy.Before(deadline) {
+		deadline = p.drainBy // a canary rolled back: before the old process gives up on it
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	p.drainCtx, p.drainCancel = ctx, cancel
 	p.mu.Unlock()
+	if p.takesBack() {
+		p.inboxes.finish() // no canary can hand anything back any more
+	}
 	// Connections from the parent are received until it exits, or until
 	// our drain ends: its deadline bounds our drain whatever the parent
 	// does (a parent frozen mid-drain must not hold us).
 	context.AfterFunc(ctx, p.fromParent.close)
-	// Sends to the successor wait for it until the deadline (see setDeadline).
-	deadline, _ := ctx.Deadline()
+	// Sends to the successor (or, from a canary, back to the parent) wait
+	// for it until the deadline (see setDeadline).
 	p.toSuccessor.setDeadline(deadline)
+	p.fromParent.setDeadline(deadline)
 	p.drainInFlight.Store(int64(p.inFlight())) // once per drain
 	p.group.beginStop(ctx, p.closeListeners)
 }
@@ -64,7 +72,9 @@ func (p *Process) drain(reason string) error {
 		st := p.Status()
 		p.emit(Event{Kind: EventDrainStarted, Time: start, PID: st.PID, Generation: st.Generation, Reason: reason, Drain: DrainStats{InFlight: int(p.drainInFlight.Load())}, Totals: st.Totals})
 	}
-	ready := isClosed(p.life.ready)
+	// A canary rolled back never declared itself ready: the service, its
+	// sockets and its PID file are the old process's, which serves on.
+	ready := isClosed(p.life.ready) && p.life.get() != PhaseHandingBack
 	if !upgraded && ready {
 		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
 	}
@@ -78,6 +88,12 @@ func (p *Process) drain(reason string) error {
 		removePIDFile(p.opts.PIDFile)
 	}
 	err := p.group.wait()
+	if p.life.get() == PhaseHandingBack {
+		// Every connection it could pass back is on its way, before this.
+		if serr := p.fromParent.sendControl(handedBackMessage); serr != nil {
+			p.log.Warn("probation: cannot tell the previous process the hand-back is over", "err", serr)
+		}
+	}
 	p.spreading.Wait() // bounded: spread says the rest at once when ctx ends
 	p.log.Info("drained", "took", time.Since(start).Round(time.Millisecond))
 	p.reportDrain(start, upgraded)

@@ -2,6 +2,7 @@ package graceful
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -34,8 +35,9 @@ const (
 	// serves.
 	EventUpgradeSucceeded
 	// EventUpgradeFailed: the new process (NewPID, if it started) failed,
-	// Duration after the upgrade started, for the reason Err; process PID
-	// serves on, unless it is draining.
+	// Duration after the upgrade started, for the reason Err (which wraps
+	// [ErrRolledBack] when a probation rolled it back); process PID serves
+	// on, unless it is draining.
 	EventUpgradeFailed
 	// EventDrainStarted: process PID began to drain, for Reason; Drain.InFlight
 	// requests were being served.
@@ -110,6 +112,7 @@ const (
 	OutcomeInProgress Outcome = "in-progress"
 	OutcomeSucceeded  Outcome = "succeeded"
 	OutcomeFailed     Outcome = "failed"
+	OutcomeRolledBack Outcome = "rolled-back" // failed its probation, or died during it: see [ErrRolledBack]
 )
 
 // UpgradeRecord is one upgrade, as [Status] keeps it.
@@ -127,7 +130,8 @@ type UpgradeRecord struct {
 // Totals count upgrades and drains since the first generation started cold.
 type Totals struct {
 	Succeeded     int        `json:"upgrades_succeeded"`
-	Failed        int        `json:"upgrades_failed"`
+	Failed        int        `json:"upgrades_failed"`      // not counting those rolled back
+	RolledBack    int        `json:"upgrades_rolled_back"` // see [Options.Probation]
 	Drains        int        `json:"drains"`
 	Drain         DrainStats `json:"drain"` // summed over those drains
 	EventsDropped int        `json:"events_dropped"`
@@ -305,16 +309,22 @@ func (p *Process) endAttempt(start time.Time, newPID int, err error) {
 	if r.attempt >= 0 {
 		u := &r.status.Upgrades[r.attempt]
 		u.Duration, u.NewPID = d, newPID
-		if err != nil {
+		switch {
+		case errors.Is(err, ErrRolledBack):
+			u.Outcome, u.Err = OutcomeRolledBack, err.Error()
+		case err != nil:
 			u.Outcome, u.Err = OutcomeFailed, err.Error()
-		} else {
+		default:
 			u.Outcome = OutcomeSucceeded
 		}
 	}
 	r.attempt = -1
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrRolledBack):
+		r.status.Totals.RolledBack++
+	case err != nil:
 		r.status.Totals.Failed++
-	} else {
+	default:
 		r.status.Totals.Succeeded++
 	}
 	e := Event{Kind: EventUpgradeSucceeded, Time: time.Now(), PID: os.Getpid(), Generation: r.status.Generation, NewPID: newPID, Duration: d, Err: err, Totals: r.status.Totals}
@@ -408,7 +418,7 @@ func (p *Process) generation() int {
 }
 
 // controlMessage acts on a control message from the other end of a
-// hand-off channel.
+// hand-off channel: from the parent, or from a new process on probation.
 func (p *Process) controlMessage(msg string) {
 	kind, body, _ := strings.Cut(msg, " ")
 	switch kind {
@@ -421,6 +431,14 @@ func (p *Process) controlMessage(msg string) {
 			return
 		}
 		p.drainFinished(rep, true)
+	case helloMessage: // from a new process, read by a receive loop (probation)
+		if pid, err := strconv.Atoi(body); err == nil {
+			p.lastHello.Store(int64(pid))
+		}
+	case reportRequest, promoteMessage, revertMessage:
+		p.canaryControl(kind, body)
+	case candidateMessage, reportMessage, handedBackMessage:
+		p.trialControl(kind, body)
 	}
 }
 

@@ -21,6 +21,10 @@ const (
 	DefaultUpgradeTimeout = time.Minute
 	DefaultDrainTimeout   = 30 * time.Second
 	DefaultIdleGrace      = time.Second
+
+	DefaultCanaryShare          = 0.1
+	DefaultProbationMinRequests = 100
+	DefaultProbationErrorMargin = 0.01
 )
 
 // drainMargin is what a drain may take past DrainTimeout: closing what is
@@ -46,6 +50,11 @@ var (
 	// ErrDraining is returned by [Process.Upgrade] once the process has
 	// started to drain.
 	ErrDraining = errors.New("graceful: process is draining")
+	// ErrRolledBack is wrapped by the error of an [Process.Upgrade] whose
+	// new process was rolled back at the end of its probation, or died
+	// during it (see [Options.Probation]); the error names the verdict and
+	// its figures.
+	ErrRolledBack = errors.New("rolled back")
 )
 
 // Options configures a [Process]. The zero value is ready to use.
@@ -132,6 +141,48 @@ type Options struct {
 	// revision, from the binary's build information.
 	Version string
 
+	// Probation, when set, puts each new version on trial before it takes
+	// over: once its pre-ready checks pass, this process hands it
+	// CanaryShare of the connections (new ones, and idle keep-alive ones,
+	// each chosen once) and serves the rest itself, for Probation. Then it
+	// compares what both served over that window and promotes the new
+	// process (the usual hand-over) or rolls it back: the canary hands
+	// every connection back as it goes idle, finishes its requests and
+	// exits, and [Process.Upgrade] fails with [ErrRolledBack] and the
+	// figures. See [ProbationStats] for the verdict. It must be shorter
+	// than UpgradeTimeout, which bounds the whole attempt: the window is cut
+	// short when slow checks would leave less than half of the time after
+	// it for the verdict and a rollback. Zero means no probation: the new
+	// process takes over as soon as it is ready.
+	Probation time.Duration
+
+	// CanaryShare is the fraction of connections (0 to 1) the canary
+	// serves during Probation. Zero means [DefaultCanaryShare].
+	CanaryShare float64
+
+	// ProbationMinRequests is how many requests each process must have
+	// served in the window before its rates count: with fewer, the canary
+	// is judged only on whether it ran (see [ProbationStats]). Zero means
+	// [DefaultProbationMinRequests].
+	ProbationMinRequests int
+
+	// ProbationErrorMargin is by how much (a fraction: 0.01 is one point)
+	// the canary's rate of failed requests (5xx responses and handler
+	// panics) may exceed the old process's before it is rolled back; the
+	// difference must also be significant (see [ProbationStats]). Zero
+	// means [DefaultProbationErrorMargin]; negative means no margin.
+	ProbationErrorMargin float64
+
+	// ProbationLatencyRatio, when set, also rolls the canary back when its
+	// p99 latency is more than this many times the old process's (1.5:
+	// half as slow again). Zero means latency is not judged.
+	ProbationLatencyRatio float64
+
+	// ProbationJudge, when set, is a criterion of the user's own, asked
+	// after the built-in ones passed: a non-nil error rolls the canary
+	// back, with the error's text as the reason.
+	ProbationJudge func(canary, stable ProbationStats) error
+
 	// DrainSignals make [Process.Run] drain and return. One that arrives
 	// while an upgrade attempt runs waits for its outcome (a second one
 	// cancels the attempt); if the new process became ready, it is asked to
@@ -180,6 +231,18 @@ type Process struct {
 	goodbyed atomic.Int64 // goodbyes said
 
 	drainInFlight atomic.Int64 // requests in flight as the drain began
+
+	// Probation (probation.go).
+	stats     *requestStats         // nil unless a probation may judge this process
+	trial     atomic.Pointer[trial] // the probation of the attempt in progress
+	canary    *canary               // set at New when this process is on probation
+	drainBy   time.Time             // a canary's drain ends by then (guarded by mu)
+	lastHello atomic.Int64          // the PID the new process said, with a receive loop
+
+	// parentDelivered tells the inboxes that the parent will hand over
+	// nothing more: its channel ended, or (a canary rolled back) it said
+	// so. Once.
+	parentDelivered func()
 }
 
 // created guards the process-wide state: inherited descriptors and the
@@ -208,6 +271,9 @@ func New(opts Options) (*Process, error) {
 	}
 	if opts.IdleGrace == 0 {
 		opts.IdleGrace = DefaultIdleGrace
+	}
+	if err := opts.checkProbation(); err != nil {
+		return nil, err
 	}
 	if opts.GoodbyeSpread >= opts.DrainTimeout {
 		return nil, fmt.Errorf("graceful: GoodbyeSpread (%v) must be shorter than DrainTimeout (%v)", opts.GoodbyeSpread, opts.DrainTimeout)
@@ -266,6 +332,7 @@ func New(opts Options) (*Process, error) {
 	if opts.OnEvent != nil {
 		p.events = newEventQueue(opts.OnEvent)
 	}
+	p.parentDelivered = sync.OnceFunc(p.inboxes.finish)
 	p.health = newHealth(p.life, opts.CheckTimeout, opts.CheckCache)
 	p.life.beforeDrain = p.beginDrain
 	p.life.onDrain = p.spreadGoodbyes
@@ -275,6 +342,13 @@ func New(opts Options) (*Process, error) {
 	}
 	if p.fromParent != nil {
 		p.fromParent.onControl = p.controlMessage
+	}
+	if p.takesBack() {
+		p.toSuccessor.onControl = p.controlMessage
+		p.inboxes.addSource()
+	}
+	if p.takesBack() || p.canary != nil {
+		p.stats = &requestStats{}
 	}
 	if opts.ControlSocket != "" {
 		if err := p.listenControl(opts.ControlSocket); err != nil {
@@ -381,7 +455,20 @@ func (p *Process) Run(ctx context.Context) error {
 		return errors.Join(fmt.Errorf("graceful: not ready: %w", err), p.drain("not ready"))
 	}
 	p.group.start()
-	p.fromParent.receive(p.inboxes.deliver, p.inboxes.finish)
+	p.fromParent.receive(p.inboxes.deliver, p.parentDelivered)
+	if p.takesBack() {
+		// Connections a canary hands back, and its messages.
+		p.toSuccessor.receive(p.inboxes.deliver, func() {})
+	}
+	if p.canary != nil {
+		if promoted, reason := p.serveProbation(ctx, drainSig); !promoted {
+			p.life.enter(PhaseHandingBack)
+			err := p.drain(reason)
+			p.fromParent.close()
+			p.fromParent.wait()
+			return errors.Join(fmt.Errorf("graceful: %w: %s", ErrRolledBack, reason), err)
+		}
+	}
 	if err := p.declareReady(); err != nil {
 		p.log.Error("declaring ready failed", "err", err)
 		p.life.enter(PhaseDraining)
@@ -486,6 +573,9 @@ func (p *Process) declareReady() error {
 		return fmt.Errorf("graceful: notify parent: %w", err)
 	}
 	p.life.enter(PhaseServing)
+	if p.canary != nil {
+		p.canary.once.Do(func() { close(p.canary.open) })
+	}
 	p.declaredServing()
 	p.log.Info("ready", "inherited", p.hasParent(), "generation", p.generation())
 	if p.hasParent() {

@@ -38,11 +38,20 @@ type inboxes struct {
 
 	mu       sync.Mutex
 	m        map[string]*inbox
+	sources  int // channels that may still deliver: finish ends the inboxes at the last
 	finished bool
 }
 
 func newInboxes(log *slog.Logger) *inboxes {
-	return &inboxes{log: log, m: make(map[string]*inbox)}
+	return &inboxes{log: log, m: make(map[string]*inbox), sources: 1}
+}
+
+// addSource counts one more channel that delivers: a canary that may hand
+// connections back, besides the parent.
+func (r *inboxes) addSource() {
+	r.mu.Lock()
+	r.sources++
+	r.mu.Unlock()
 }
 
 // register returns the inbox of the server listening at addr, whose
@@ -80,10 +89,14 @@ func (r *inboxes) deliver(key string, c net.Conn) {
 	}
 }
 
-// finish ends every inbox once its queue is empty: nothing more will arrive.
+// finish tells that one source will deliver nothing more; at the last, every
+// inbox ends once its queue is empty.
 func (r *inboxes) finish() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.sources--; r.sources > 0 {
+		return
+	}
 	r.finished = true
 	for _, in := range r.m {
 		in.finish()
@@ -94,7 +107,7 @@ func (r *inboxes) finish() {
 // arrive, and the same tracked by t; nil when nothing can arrive (no
 // parent, or no hand-off channel from it).
 func (p *Process) registerInbox(ln net.Listener, t *tracker) (*inbox, *trackedListener) {
-	if p.fromParent == nil {
+	if p.fromParent == nil && !p.takesBack() {
 		return nil, nil
 	}
 	in := p.inboxes.register(ln.Addr(), t)

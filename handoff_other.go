@@ -24,3 +24,5 @@ func (h *handoff) requestDrain() error { return errNoHandoff }
 func (h *handoff) sendControl(string) error { return errNoHandoff }
 
 func (h *handoff) close() {}
+
+func (h *handoff) ended() <-chan struct{} { return nil }

@@ -199,42 +199,84 @@ func (h *handoff) receive(deliver func(key string, c net.Conn), end func()) {
 				}
 				continue
 			}
-			keys := strings.Split(string(buf[:n]), "\x00")
-			if flags&(unix.MSG_CTRUNC|unix.MSG_TRUNC) != 0 {
-				// Out of descriptors here (the kernel drops those it
-				// cannot install) or a message too long: the connections
-				// without a descriptor are lost to both processes.
-				h.log.Error("connection hand-off: message truncated; connections lost", "keys", len(keys), "flags", flags)
-			}
-			msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
-			if err != nil {
-				// Only a kernel bug makes one; its descriptors cannot be
-				// found to close.
-				h.log.Error("connection hand-off: malformed message", "err", err)
-				continue
-			}
-			i := 0
-			for _, m := range msgs {
-				fds, err := unix.ParseUnixRights(&m)
-				if err != nil {
-					continue
-				}
-				for _, fd := range fds {
-					e := ""
-					if i < len(keys) {
-						e = keys[i]
-					}
-					i++
-					key, c, err := receivedConn(fd, e)
-					if err != nil {
-						h.log.Warn("connection hand-off: unusable descriptor", "err", err)
-						continue
-					}
-					deliver(key, c)
-				}
-			}
+			deliverMessage(h.log, buf[:n], oob[:oobn], flags, deliver)
 		}
 	}()
+}
+
+// deliverMessage delivers the connections one message carries and returns
+// how many.
+func deliverMessage(log *slog.Logger, msg, oob []byte, flags int, deliver func(key string, c net.Conn)) int {
+	keys := strings.Split(string(msg), "\x00")
+	if flags&(unix.MSG_CTRUNC|unix.MSG_TRUNC) != 0 {
+		// Out of descriptors here (the kernel drops those it cannot
+		// install) or a message too long: the connections without a
+		// descriptor are lost to both processes.
+		log.Error("connection hand-off: message truncated; connections lost", "keys", len(keys), "flags", flags)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		// Only a kernel bug makes one; its descriptors cannot be found to
+		// close.
+		log.Error("connection hand-off: malformed message", "err", err)
+		return 0
+	}
+	i, delivered := 0, 0
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			e := ""
+			if i < len(keys) {
+				e = keys[i]
+			}
+			i++
+			key, c, err := receivedConn(fd, e)
+			if err != nil {
+				log.Warn("connection hand-off: unusable descriptor", "err", err)
+				continue
+			}
+			deliver(key, c)
+			delivered++
+		}
+	}
+	return delivered
+}
+
+// receiveQueued delivers, without waiting, the connections queued at f, an
+// end of a hand-off channel that nobody reads any more (a new process that
+// died or was rolled back did not take them), and discards the control
+// messages; it returns how many connections it delivered.
+func receiveQueued(f *os.File, deliver func(key string, c net.Conn)) int {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	buf, oob := make([]byte, 64<<10), make([]byte, unix.CmsgSpace(4*maxBatch))
+	type message struct {
+		msg, oob []byte
+		flags    int
+	}
+	var queued []message
+	raw.Control(func(fd uintptr) {
+		for {
+			n, oobn, flags, _, err := unix.Recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			if err != nil || n == 0 && oobn == 0 {
+				return
+			}
+			queued = append(queued, message{append([]byte(nil), buf[:n]...), append([]byte(nil), oob[:oobn]...), flags})
+		}
+	})
+	total := 0
+	for _, m := range queued {
+		if len(m.oob) == 0 {
+			continue // a control message for the process that is gone
+		}
+		total += deliverMessage(slog.New(slog.DiscardHandler), m.msg, m.oob, m.flags, deliver)
+	}
+	return total
 }
 
 // receivedConn makes a connection of a descriptor received with its entry
@@ -345,6 +387,15 @@ func (c *handedConn) opError(op string, err error) error {
 		err = net.ErrClosed
 	}
 	return &net.OpError{Op: op, Net: c.local.Network(), Source: c.local, Addr: c.remote, Err: err}
+}
+
+// ended returns a channel closed once the receive loop has ended; nil (it
+// never closes) without one.
+func (h *handoff) ended() <-chan struct{} {
+	if h == nil {
+		return nil
+	}
+	return h.done
 }
 
 // wait blocks until the receive loop has ended and delivered everything.

@@ -12,16 +12,21 @@ import (
 //
 //	Starting    -> Checking     Run starts the pre-ready checks
 //	Checking    -> Serving      the checks passed and the process declared itself ready
+//	Checking    -> Probation    the checks passed; the previous process, which judges
+//	                            this canary, hands it a share of the traffic
 //	Checking    -> Draining     the checks failed, or a drain signal or ctx ended them
+//	Probation   -> Serving      promoted: the process declared itself ready
+//	Probation   -> HandingBack  rolled back (or told to stop): hands its connections
+//	                            back to the previous process, which serves on, and drains
 //	Serving     -> Upgrading    Upgrade started a new process
 //	Upgrading   -> Serving      the new process failed; nothing changed here
 //	Upgrading   -> HandingOver  the new process is ready: this one drains, passing connections to it
 //	Serving, Upgrading -> Delaying     drain signal or ctx done, with Options.DrainDelay
 //	Delaying    -> HandingOver  an upgrade begun before the delay succeeded during it
 //	Serving, Upgrading, Delaying -> Draining  drain signal, ctx done, a server stopped
-//	HandingOver, Draining -> Done        Run returns
+//	HandingOver, HandingBack, Draining -> Done  Run returns
 //
-// Readiness is true in Serving and Upgrading only, and no transition leads
+// Readiness is true in Probation, Serving and Upgrading only, and no transition leads
 // back to them from Delaying or later: once the drain is on its way,
 // readiness stays false.
 type Phase int32
@@ -30,15 +35,17 @@ type Phase int32
 const (
 	PhaseStarting    Phase = iota // New returned; Run not called yet
 	PhaseChecking                 // Run is running the pre-ready checks
+	PhaseProbation                // a canary: serving the share of traffic its predecessor hands it, until judged
 	PhaseServing                  // ready and serving
 	PhaseUpgrading                // serving while a new process starts
 	PhaseDelaying                 // serving with readiness failing, for DrainDelay
 	PhaseHandingOver              // a successor serves; draining, passing idle connections to it
+	PhaseHandingBack              // a canary rolled back: draining, passing its connections back
 	PhaseDraining                 // draining without a successor
 	PhaseDone                     // Run returned
 )
 
-var phaseNames = [...]string{"starting", "checking", "serving", "upgrading", "delaying", "handing-over", "draining", "done"}
+var phaseNames = [...]string{"starting", "checking", "probation", "serving", "upgrading", "delaying", "handing-over", "handing-back", "draining", "done"}
 
 func (ph Phase) String() string {
 	if ph >= 0 && int(ph) < len(phaseNames) {
@@ -50,11 +57,13 @@ func (ph Phase) String() string {
 // phaseTransitions is the table above.
 var phaseTransitions = [...][]Phase{
 	PhaseStarting:    {PhaseChecking},
-	PhaseChecking:    {PhaseServing, PhaseDraining},
+	PhaseChecking:    {PhaseServing, PhaseProbation, PhaseDraining},
+	PhaseProbation:   {PhaseServing, PhaseHandingBack},
 	PhaseServing:     {PhaseUpgrading, PhaseDelaying, PhaseDraining},
 	PhaseUpgrading:   {PhaseServing, PhaseHandingOver, PhaseDelaying, PhaseDraining},
 	PhaseDelaying:    {PhaseHandingOver, PhaseDraining},
 	PhaseHandingOver: {PhaseDone},
+	PhaseHandingBack: {PhaseDone},
 	PhaseDraining:    {PhaseDone},
 }
 
@@ -71,7 +80,9 @@ func (ph Phase) allowed(to Phase) bool {
 }
 
 // ready reports whether readiness probes pass in this phase (checks aside).
-func (ph Phase) ready() bool { return ph == PhaseServing || ph == PhaseUpgrading }
+func (ph Phase) ready() bool {
+	return ph == PhaseServing || ph == PhaseUpgrading || ph == PhaseProbation
+}
 
 // draining reports whether the process is on its way out: readiness fails
 // and no upgrade may start.
@@ -85,8 +96,9 @@ func (ph Phase) drainStarted() bool { return ph >= PhaseHandingOver }
 // Each channel closes once, as a side effect of the transition that names
 // it, in the order the drain needs:
 //
-//   - ready: entering Serving from Checking;
-//   - draining: entering HandingOver or Draining, after beforeDrain (it
+//   - ready: entering Probation, or Serving from Checking: the process
+//     serves traffic;
+//   - draining: entering HandingOver, HandingBack or Draining, after beforeDrain (it
 //     closes the listeners, so that a client told goodbye reconnects to the
 //     successor, never to this process again) and onDrain (it starts the
 //     goodbye spreading) ran; then upgraded, entering HandingOver.
@@ -140,11 +152,13 @@ func (l *lifecycle) change(only, to Phase) (from Phase, ok bool) {
 	// Side effects run outside the lock (they may read the phase), once:
 	// no phase is entered twice.
 	switch to {
+	case PhaseProbation:
+		close(l.ready)
 	case PhaseServing:
 		if from == PhaseChecking {
 			close(l.ready)
 		}
-	case PhaseHandingOver, PhaseDraining:
+	case PhaseHandingOver, PhaseHandingBack, PhaseDraining:
 		if l.beforeDrain != nil {
 			l.beforeDrain()
 		}

@@ -19,6 +19,10 @@ import (
 // process drains without a successor. A stale socket file left by a crashed
 // process is replaced; one a live process accepts on is an error.
 //
+// In a new process on probation (see [Options.Probation]), Accept waits
+// until the process is promoted: until then it serves only what the old
+// process hands it.
+//
 // When the drain starts (after [Options.DrainDelay]) the listener is closed
 // so that every new connection goes to the successor: Accept then returns
 // an error wrapping [net.ErrClosed], which a server registered with
@@ -33,6 +37,7 @@ func (p *Process) Listen(network, addr string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("graceful: listen %s %s: %w", network, addr, err)
 	}
+	ln = p.gate(ln) // a canary accepts only once promoted
 	p.addListener(ln, ln)
 	return ln, nil
 }

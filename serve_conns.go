@@ -59,13 +59,14 @@ func (p *Process) HandOff(c net.Conn) error {
 	if !ok || !tc.t.raw {
 		return errors.New("graceful: HandOff: not a connection from ServeConns")
 	}
-	if !p.canHandOff() {
+	to := p.handOffTarget()
+	if to == nil {
 		return errors.New("graceful: HandOff: no new process to hand the connection to")
 	}
 	if !tc.beginHandOff() {
 		return fmt.Errorf("graceful: HandOff: connection already %v", tc.state())
 	}
-	err := p.toSuccessor.send(tc.t.key, tc.Conn)
+	err := to.send(tc.t.key, tc.Conn)
 	if err != nil {
 		tc.to(connHanding, connSeen)
 	} else {

@@ -76,8 +76,11 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 	if next == nil {
 		next = http.DefaultServeMux
 	}
+	if p.stats != nil {
+		next = p.stats.handler(next) // a probation judges what it served
+	}
 	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ProtoMajor == 1 && p.life.get().drainStarted() && (r.TLS != nil || !p.canHandOff()) {
+		if r.ProtoMajor == 1 && p.life.get().drainStarted() && (r.TLS != nil || p.handOffTarget() == nil) {
 			// The client closes the connection after this response instead
 			// of reusing it: no race with a close from our side. (A plain
 			// connection that can be handed to the successor stays open: it
@@ -87,8 +90,10 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 		next.ServeHTTP(w, r)
 	})
 	p.addListener(ln, s.ln)
-	if !s.tls {
-		// Connections the parent hands over are served as if accepted here.
+	if !s.tls || p.canary != nil {
+		// Connections the parent hands over (or a canary hands back) are
+		// served as if accepted here. Under TLS only a canary gets any:
+		// new connections, before their handshake.
 		s.inbox, s.inboxLn = p.registerInbox(ln, t)
 	}
 	p.Add(s.run, s.stop)
@@ -137,7 +142,11 @@ func (s *httpServer) run() error {
 		go func() {
 			defer close(received)
 			defer close(s.inbox.stopped)
-			s.srv.Serve(s.inboxLn) // ends once the parent is gone
+			if s.tls {
+				s.srv.ServeTLS(s.inboxLn, "", "") // ends once the inbox is finished
+			} else {
+				s.srv.Serve(s.inboxLn)
+			}
 		}()
 		defer func() {
 			<-received
@@ -166,9 +175,10 @@ func (s *httpServer) run() error {
 func (s *httpServer) stop(ctx context.Context) error {
 	log := s.p.log
 	s.ln.Close()
-	if s.p.canHandOff() {
+	if to := s.p.handOffTarget(); to != nil {
 		key := s.t.key
-		s.t.setSend(func(c net.Conn) error { return s.p.toSuccessor.send(key, c) })
+		s.t.selective.Store(false) // the drain passes on every idle connection
+		s.t.setSend(func(c net.Conn) error { return to.send(key, c) })
 		defer func() {
 			if kept := s.t.kept.Load(); kept > 0 {
 				log.Warn("idle connections not handed to the new process: closed instead", "addr", key, "handed", s.t.handed.Load(), "not_handed", kept)

@@ -68,7 +68,11 @@ func (p *Process) Upgrade(ctx context.Context) error {
 	handedOver = true
 	go func() {
 		defer p.attempts.Done()
-		newPID, err := p.upgrade(state)
+		tr := p.beginTrial(start) // nil without probation
+		newPID, err := p.upgrade(state, tr != nil)
+		if tr != nil {
+			err = tr.end(err)
+		}
 		result <- p.finishUpgrade(start, newPID, err)
 	}()
 	select {
@@ -145,7 +149,17 @@ func (p *Process) logUpgradeFailure(err error) {
 	}
 }
 
-// canHandOff reports whether connections can go to a successor now.
-func (p *Process) canHandOff() bool {
-	return p.toSuccessor != nil && !p.opts.NoHandOff && p.life.get() == PhaseHandingOver
+// handOffTarget returns where the drain passes idle connections: the
+// successor, or (a canary rolled back) the previous process; nil when they
+// are closed instead.
+func (p *Process) handOffTarget() *handoff {
+	switch ph := p.life.get(); {
+	case p.opts.NoHandOff && p.canary == nil:
+		return nil
+	case ph == PhaseHandingOver && p.toSuccessor != nil:
+		return p.toSuccessor
+	case ph == PhaseHandingBack && p.fromParent != nil:
+		return p.fromParent
+	}
+	return nil
 }

@@ -27,7 +27,7 @@ func (p *Process) waitPrevious() error { return ErrNotSupported }
 
 func (p *Process) awaitPrevious(context.Context) {}
 
-func (p *Process) upgrade([]byte) (int, error) { return 0, ErrNotSupported }
+func (p *Process) upgrade([]byte, bool) (int, error) { return 0, ErrNotSupported }
 
 func (p *Process) waitParent(context.Context) {}
 
@@ -36,3 +36,5 @@ func (p *Process) notifyReady() error { return nil }
 func (p *Process) stopPlatform() {}
 
 func (p *Process) signalSuccessor() {}
+
+func (p *Process) reclaim() {}

@@ -129,6 +129,9 @@ func (p *Process) openHandoffs() error {
 		if body, ok := strings.CutPrefix(msg, stateMessage+" "); ok {
 			p.inherit(body)
 		}
+		if msg == probationMessage {
+			p.canary = newCanary() // the parent judges us before we take over
+		}
 	}
 	if err := p.fromParent.sendControl(helloMessage + " " + strconv.Itoa(os.Getpid())); err != nil {
 		p.log.Warn("cannot tell the previous process our PID", "err", err)
@@ -203,21 +206,35 @@ func (p *Process) awaitPrevious(ctx context.Context) {
 // listener and the hand-off channel, on which state waits for it, and
 // declares itself ready or fails. It returns the child's PID if the child
 // said it.
-func (p *Process) upgrade(state []byte) (newPID int, err error) {
+func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
+	// With a probation a receive loop reads what the new process says.
+	loop := p.takesBack()
 	if p.toSuccessor != nil {
 		// What an earlier child that failed said, and what it left unread.
-		p.toSuccessor.takeControl()
-		discardQueued(p.plat.peer)
+		if !loop {
+			p.toSuccessor.takeControl()
+		}
+		p.reclaim()
+		p.lastHello.Store(0)
 		p.toSuccessor.setDeadline(time.Now().Add(time.Second))
 		if err := p.toSuccessor.sendControl(stateMessage + " " + string(state)); err != nil {
 			p.log.Warn("cannot pass the upgrade record to the new process", "err", err)
 		}
+		if judged {
+			if err := p.toSuccessor.sendControl(probationMessage); err != nil {
+				p.log.Warn("cannot put the new process on probation", "err", err)
+			}
+		}
 		p.toSuccessor.setDeadline(time.Time{})
 	}
 	defer func() {
-		for _, msg := range p.toSuccessor.takeControl() {
-			if pid, ok := strings.CutPrefix(msg, helloMessage+" "); ok {
-				newPID, _ = strconv.Atoi(pid)
+		if loop {
+			newPID = int(p.lastHello.Load())
+		} else {
+			for _, msg := range p.toSuccessor.takeControl() {
+				if pid, ok := strings.CutPrefix(msg, helloMessage+" "); ok {
+					newPID, _ = strconv.Atoi(pid)
+				}
 			}
 		}
 		if err == nil && p.plat.peer != nil {
@@ -237,26 +254,17 @@ func (p *Process) upgrade(state []byte) (newPID int, err error) {
 	}
 }
 
-// discardQueued reads, without waiting, every message queued at f, a
-// hand-off channel end that nobody reads.
-func discardQueued(f *os.File) {
-	if f == nil {
+// reclaim serves here the connections sent to a new process that did not
+// read them (it died, or was rolled back): they wait at its end of the
+// channel, of which we keep a copy until an upgrade succeeds.
+func (p *Process) reclaim() {
+	if p.plat.peer == nil {
 		return
 	}
-	raw, err := f.SyscallConn()
-	if err != nil {
-		return
+	n := receiveQueued(p.plat.peer, p.inboxes.deliver)
+	if n > 0 {
+		p.log.Info("connections the new process never read: served here", "conns", n)
 	}
-	buf := make([]byte, 64<<10)
-	raw.Control(func(fd uintptr) {
-		for {
-			// No room for descriptors: any that a message carries are
-			// closed by the kernel (none do before a successor is ready).
-			if _, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT); err != nil {
-				return
-			}
-		}
-	})
 }
 
 // tableflipLagging reports whether Upgrade refused only because tableflip's

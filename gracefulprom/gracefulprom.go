@@ -18,7 +18,7 @@
 // Metrics:
 //
 //	graceful_generation                        gauge: 1 for a process started cold, one more at each upgrade
-//	graceful_upgrades_total{outcome}           counter: succeeded, failed
+//	graceful_upgrades_total{outcome}           counter: succeeded, failed, rolled-back
 //	graceful_upgrade_duration_seconds{outcome} histogram: start of an upgrade to the new process ready, or to its failure
 //	graceful_drains_total                      counter
 //	graceful_drain_duration_seconds            histogram
@@ -29,6 +29,7 @@
 package gracefulprom
 
 import (
+	"errors"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -93,7 +94,11 @@ func (m *Metrics) Observe(e graceful.Event) {
 	case graceful.EventUpgradeSucceeded:
 		m.upgradeDuration.WithLabelValues(string(graceful.OutcomeSucceeded)).Observe(e.Duration.Seconds())
 	case graceful.EventUpgradeFailed:
-		m.upgradeDuration.WithLabelValues(string(graceful.OutcomeFailed)).Observe(e.Duration.Seconds())
+		outcome := graceful.OutcomeFailed
+		if errors.Is(e.Err, graceful.ErrRolledBack) {
+			outcome = graceful.OutcomeRolledBack
+		}
+		m.upgradeDuration.WithLabelValues(string(outcome)).Observe(e.Duration.Seconds())
 	case graceful.EventDrainFinished:
 		m.drainDuration.Observe(e.Duration.Seconds())
 	}
@@ -121,6 +126,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(m.upgradesDesc, t.Succeeded, string(graceful.OutcomeSucceeded))
 	counter(m.upgradesDesc, t.Failed, string(graceful.OutcomeFailed))
+	counter(m.upgradesDesc, t.RolledBack, string(graceful.OutcomeRolledBack))
 	counter(m.drainsDesc, t.Drains)
 	d := t.Drain
 	counter(m.connsDesc, d.Handed, "handed")
@@ -139,9 +145,10 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 func maxTotals(a, b graceful.Totals) graceful.Totals {
 	d, e := a.Drain, b.Drain
 	return graceful.Totals{
-		Succeeded: max(a.Succeeded, b.Succeeded),
-		Failed:    max(a.Failed, b.Failed),
-		Drains:    max(a.Drains, b.Drains),
+		Succeeded:  max(a.Succeeded, b.Succeeded),
+		Failed:     max(a.Failed, b.Failed),
+		RolledBack: max(a.RolledBack, b.RolledBack),
+		Drains:     max(a.Drains, b.Drains),
 		Drain: graceful.DrainStats{
 			Duration: max(d.Duration, e.Duration), InFlight: max(d.InFlight, e.InFlight),
 			Handed: max(d.Handed, e.Handed), NotHanded: max(d.NotHanded, e.NotHanded),

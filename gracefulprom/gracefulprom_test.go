@@ -50,6 +50,7 @@ graceful_generation 5
 # HELP graceful_upgrades_total Upgrades by outcome, since the first generation started.
 # TYPE graceful_upgrades_total counter
 graceful_upgrades_total{outcome="failed"} 2
+graceful_upgrades_total{outcome="rolled-back"} 0
 graceful_upgrades_total{outcome="succeeded"} 4
 `
 	require.NoError(t, testutil.CollectAndCompare(m, strings.NewReader(want),

@@ -150,8 +150,8 @@ func describe(st graceful.Status, now time.Time) string {
 		fmt.Fprintf(&b, "binary %s\n", st.Executable)
 	}
 	t := st.Totals
-	fmt.Fprintf(&b, "upgrades: %d succeeded, %d failed; drains: %d (connections handed %d, not handed %d, retired %d, expired %d, forced %d)",
-		t.Succeeded, t.Failed, t.Drains, t.Drain.Handed, t.Drain.NotHanded, t.Drain.Retired, t.Drain.Expired, t.Drain.Forced)
+	fmt.Fprintf(&b, "upgrades: %d succeeded, %d failed, %d rolled back; drains: %d (connections handed %d, not handed %d, retired %d, expired %d, forced %d)",
+		t.Succeeded, t.Failed, t.RolledBack, t.Drains, t.Drain.Handed, t.Drain.NotHanded, t.Drain.Retired, t.Drain.Expired, t.Drain.Forced)
 	if len(st.Upgrades) > 0 {
 		fmt.Fprintf(&b, "\nlast %d upgrades, oldest first:", len(st.Upgrades))
 	}

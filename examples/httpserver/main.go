@@ -21,7 +21,11 @@
 // the outcome), -goodbye-spread (stream goodbyes spread over that long),
 // -idle-grace, -no-handoff, -h2c (HTTP/2 without TLS too), -tls-self-signed
 // (HTTPS with HTTP/2, certificate made at start), -metrics=false (no
-// events hook and no /metrics: the server as without them).
+// events hook and no /metrics: the server as without them), -probation
+// DURATION and -canary-share FRACTION (each new version serves that share
+// of the connections for that long and is promoted or rolled back on what
+// it served; a rolled-back one exits 1), -probation-latency-ratio R (also
+// roll back a new version whose p99 is more than R times the old one's).
 //
 // Build-time variables (go build -ldflags "-X main.version=v2 -X
 // main.failRate=0.3 -X main.panicAfter=2s -X main.extraLatency=50ms"), so
@@ -32,6 +36,7 @@
 //	              sent as an X-Version header
 //	failRate      the fraction (0 to 1) of GET / and POST /echo answered 500
 //	panicAfter    the process panics this long after it starts serving
+//	              (on probation too)
 //	extraLatency  added to every request
 package main
 
@@ -100,6 +105,8 @@ type config struct {
 	h2c, selfSigned        bool
 	noHandOff              bool
 	metrics                bool
+	probation              time.Duration
+	canaryShare, p99Ratio  float64
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -116,6 +123,9 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.BoolVar(&c.h2c, "h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
 	fs.BoolVar(&c.noHandOff, "no-handoff", false, "at upgrades, close idle connections instead of handing them to the new process")
 	fs.BoolVar(&c.selfSigned, "tls-self-signed", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a fresh self-signed certificate, for tests and benchmarks")
+	fs.DurationVar(&c.probation, "probation", 0, "put each new version on probation this long, serving -canary-share of the connections, before it takes over (0: none)")
+	fs.Float64Var(&c.canaryShare, "canary-share", 0, "the fraction of connections a new version on probation serves (0: graceful.DefaultCanaryShare)")
+	fs.Float64Var(&c.p99Ratio, "probation-latency-ratio", 0, "also roll a new version back when its p99 latency exceeds the old one's this many times (0: off)")
 	fs.BoolVar(&c.metrics, "metrics", true, "export Prometheus metrics at GET /metrics (the events hook is set)")
 	return c
 }
@@ -140,6 +150,10 @@ func main() {
 		IdleGrace:      c.idleGrace,
 		NoHandOff:      c.noHandOff,
 		Version:        version,
+
+		Probation:             c.probation,
+		CanaryShare:           c.canaryShare,
+		ProbationLatencyRatio: c.p99Ratio,
 	}
 	if err := run(opts, c); err != nil {
 		log.Error("exiting", "err", err)

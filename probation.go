@@ -1,0 +1,753 @@
+package graceful
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// This file holds the probation of a new version (Options.Probation): the
+// request figures both processes keep, the verdict, the old process's side
+// (it splits the traffic and judges) and the canary's (it serves what it is
+// handed until promoted or rolled back).
+//
+// The exchange, on the hand-off channel (control messages, see events.go):
+//
+//	old -> new  probation  before the new process starts: it is a canary
+//	new -> old  candidate  its checks passed; it serves what it is handed
+//	old -> new  report?    the window is over: send your figures
+//	new -> old  report     its ProbationStats
+//	old -> new  promote    declare yourself ready (tableflip's Ready): the usual hand-over follows
+//	old -> new  revert     hand every connection back, drain by the deadline given, exit
+//	new -> old  handed-back  every connection it could hand back is on its way
+//
+// During the window the old process passes every chosen connection over the
+// same channel as a hand-over does, before reading anything from it; the
+// canary does not accept from the listeners at all until promoted, so the
+// split is exact, not the kernel's.
+
+// ProbationStats are the requests one process served during a probation
+// window, under [Process.Serve] (HTTP/1 and HTTP/2; ServeConns and servers
+// of [Process.Add] are not counted).
+//
+// The verdict, in order: the canary is rolled back if it exited or did not
+// report; if its pre-ready checks fail at the end of the window; if, with at
+// least [Options.ProbationMinRequests] requests, its rate of failed
+// requests (Errors+Panics) exceeds the old process's by more than
+// [Options.ProbationErrorMargin] and the difference is significant (a
+// one-sided two-proportion z-test at z >= 3, so that a few unlucky errors
+// on a small sample do not roll back a good build); if
+// [Options.ProbationLatencyRatio] is set and its p99 exceeds that multiple
+// of the old process's (and by more than 1 ms: below that, two processes
+// sharing CPUs differ by scheduling alone); and if [Options.ProbationJudge]
+// says so. When the
+// old process served fewer than ProbationMinRequests, its rate counts as
+// zero. When the canary served fewer, traffic was too thin to judge its
+// rates: it is promoted on having run and passed its checks, and the log
+// says so.
+type ProbationStats struct {
+	Requests int           `json:"requests"` // answered, or ended by a panic
+	Errors   int           `json:"errors"`   // answered with a 5xx status
+	Panics   int           `json:"panics"`   // handler panics (not http.ErrAbortHandler)
+	P99      time.Duration `json:"p99_ns"`   // of handler time; 25% resolution
+	Checks   string        `json:"checks,omitempty"`
+}
+
+// FailureRate is (Errors+Panics)/Requests, 0 without requests.
+func (s ProbationStats) FailureRate() float64 {
+	if s.Requests == 0 {
+		return 0
+	}
+	return float64(s.Errors+s.Panics) / float64(s.Requests)
+}
+
+// latencyFloor is the least p99 difference the latency criterion judges:
+// below it, two processes sharing a CPU differ by scheduling alone.
+const latencyFloor = time.Millisecond
+
+// Histogram of handler latencies: bucket i counts those up to
+// latencyBase*latencyStep^i.
+const (
+	latencyBuckets = 96
+	latencyBase    = 10 * time.Microsecond
+	latencyStep    = 1.25
+)
+
+// requestStats counts the requests a process serves, from the start.
+type requestStats struct {
+	requests, errors, panics atomic.Int64
+	latency                  [latencyBuckets]atomic.Int64
+}
+
+// snapshot copies the counts.
+func (s *requestStats) snapshot() statsSnapshot {
+	var c statsSnapshot
+	c.requests, c.errors, c.panics = s.requests.Load(), s.errors.Load(), s.panics.Load()
+	for i := range s.latency {
+		c.latency[i] = s.latency[i].Load()
+	}
+	return c
+}
+
+type statsSnapshot struct {
+	requests, errors, panics int64
+	latency                  [latencyBuckets]int64
+}
+
+// since returns what was counted between base and s.
+func (s statsSnapshot) since(base statsSnapshot) ProbationStats {
+	out := ProbationStats{Requests: int(s.requests - base.requests), Errors: int(s.errors - base.errors), Panics: int(s.panics - base.panics)}
+	var n int64
+	var hist [latencyBuckets]int64
+	for i := range hist {
+		hist[i] = s.latency[i] - base.latency[i]
+		n += hist[i]
+	}
+	if n > 0 {
+		rank := int64(math.Ceil(0.99 * float64(n)))
+		var seen int64
+		for i, c := range hist {
+			if seen += c; seen >= rank {
+				out.P99 = bucketBound(i)
+				break
+			}
+		}
+	}
+	return out
+}
+
+func bucketBound(i int) time.Duration {
+	return time.Duration(float64(latencyBase) * math.Pow(latencyStep, float64(i)))
+}
+
+func (s *requestStats) observe(d time.Duration, status int, panicked bool) {
+	s.requests.Add(1)
+	switch {
+	case panicked:
+		s.panics.Add(1)
+	case status >= 500:
+		s.errors.Add(1)
+	}
+	i := 0
+	if d > latencyBase {
+		i = min(int(math.Ceil(math.Log(float64(d)/float64(latencyBase))/math.Log(latencyStep))), latencyBuckets-1)
+	}
+	s.latency[i].Add(1)
+}
+
+// handler counts what next serves.
+func (s *requestStats) handler(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sw := &statusWriter{ResponseWriter: w}
+		start := time.Now()
+		done := false
+		defer func() {
+			if done {
+				return
+			}
+			v := recover()
+			if v == nil {
+				return // runtime.Goexit: let it go on
+			}
+			if v != http.ErrAbortHandler {
+				s.observe(time.Since(start), 0, true)
+			}
+			panic(v) // net/http's own recovery takes it from here
+		}()
+		next.ServeHTTP(sw, r)
+		done = true
+		if !sw.hijacked {
+			s.observe(time.Since(start), cmpStatus(sw.status), false)
+		}
+	})
+}
+
+func cmpStatus(s int) int {
+	if s == 0 {
+		return http.StatusOK
+	}
+	return s
+}
+
+// statusWriter notes the status of a response; Flush, Hijack, ReadFrom and
+// Unwrap (for http.ResponseController) reach the writer under it.
+type statusWriter struct {
+	http.ResponseWriter
+	status   int
+	hijacked bool
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 && code >= 200 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) ReadFrom(r io.Reader) (int64, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return io.Copy(w.ResponseWriter, r)
+}
+
+func (w *statusWriter) Flush() {
+	http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w *statusWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, rw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err == nil {
+		w.hijacked = true
+	}
+	return c, rw, err
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// checkProbation refuses settings that cannot work, naming the field.
+func (o *Options) checkProbation() error {
+	switch {
+	case o.Probation < 0:
+		return fmt.Errorf("graceful: Probation %v is negative", o.Probation)
+	case o.CanaryShare < 0 || o.CanaryShare > 1 || math.IsNaN(o.CanaryShare):
+		return fmt.Errorf("graceful: CanaryShare %v is not a fraction from 0 to 1", o.CanaryShare)
+	case o.ProbationMinRequests < 0:
+		return fmt.Errorf("graceful: ProbationMinRequests %d is negative", o.ProbationMinRequests)
+	case o.ProbationLatencyRatio < 0 || math.IsNaN(o.ProbationLatencyRatio) || (o.ProbationLatencyRatio > 0 && o.ProbationLatencyRatio < 1):
+		return fmt.Errorf("graceful: ProbationLatencyRatio %v: want 1 or more (or 0: off)", o.ProbationLatencyRatio)
+	case math.IsNaN(o.ProbationErrorMargin) || o.ProbationErrorMargin > 1:
+		return fmt.Errorf("graceful: ProbationErrorMargin %v is not a fraction", o.ProbationErrorMargin)
+	case o.Probation > 0 && o.Probation >= o.UpgradeTimeout:
+		return fmt.Errorf("graceful: Probation (%v) must be shorter than UpgradeTimeout (%v), which bounds the whole upgrade", o.Probation, o.UpgradeTimeout)
+	}
+	if o.CanaryShare == 0 {
+		o.CanaryShare = DefaultCanaryShare
+	}
+	if o.ProbationMinRequests == 0 {
+		o.ProbationMinRequests = DefaultProbationMinRequests
+	}
+	switch {
+	case o.ProbationErrorMargin == 0:
+		o.ProbationErrorMargin = DefaultProbationErrorMargin
+	case o.ProbationErrorMargin < 0:
+		o.ProbationErrorMargin = 0
+	}
+	return nil
+}
+
+// verdict returns why the canary must be rolled back, or "" to promote it;
+// thin reports that its rates were not judged.
+func (o *Options) verdict(canary, stable ProbationStats) (reason string, thin bool) {
+	if canary.Checks != "" {
+		return "its checks fail: " + canary.Checks, false
+	}
+	if canary.Requests < o.ProbationMinRequests {
+		thin = true
+	} else {
+		base := ProbationStats{}
+		if stable.Requests >= o.ProbationMinRequests {
+			base = stable
+		}
+		cr, br := canary.FailureRate(), base.FailureRate()
+		if cr > br+o.ProbationErrorMargin && significant(canary, base) {
+			what := "5xx"
+			if canary.Panics+stable.Panics > 0 {
+				what = "5xx and panics"
+			}
+			return fmt.Sprintf("%s %s of %s requests vs %s of %s", what, percent(cr), thousands(canary.Requests), percent(br), thousands(stable.Requests)), false
+		}
+		if r := o.ProbationLatencyRatio; r > 0 && stable.Requests >= o.ProbationMinRequests &&
+			float64(canary.P99) > r*float64(stable.P99) && canary.P99-stable.P99 > latencyFloor {
+			return fmt.Sprintf("p99 %v of %s requests vs %v of %s (more than %gx)", canary.P99.Round(10*time.Microsecond), thousands(canary.Requests), stable.P99.Round(10*time.Microsecond), thousands(stable.Requests), r), false
+		}
+	}
+	if o.ProbationJudge != nil {
+		if err := o.ProbationJudge(canary, stable); err != nil {
+			return "ProbationJudge: " + err.Error(), thin
+		}
+	}
+	return "", thin
+}
+
+// significant reports whether the canary's failure rate is above base's by
+// at least three standard errors (a one-sided two-proportion z-test; against
+// a base without requests, a one-sample test against rate 0 always passes
+// once any request failed).
+func significant(canary, base ProbationStats) bool {
+	cf := float64(canary.Errors + canary.Panics)
+	bf := float64(base.Errors + base.Panics)
+	cn, bn := float64(canary.Requests), float64(base.Requests)
+	if bn == 0 {
+		return cf > 0
+	}
+	pooled := (cf + bf) / (cn + bn)
+	se := math.Sqrt(pooled * (1 - pooled) * (1/cn + 1/bn))
+	if se == 0 {
+		return cf/cn > bf/bn
+	}
+	return (cf/cn-bf/bn)/se >= 3
+}
+
+func percent(f float64) string { return strconv.FormatFloat(100*f, 'f', 1, 64) + "%" }
+
+// thousands formats n with comma separators: 7,420.
+func thousands(n int) string {
+	s := strconv.Itoa(n)
+	for i := len(s) - 3; i > 0 && s[i-1] != '-'; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
+}
+
+// rollbackError is the error of an upgrade whose canary was rolled back.
+type rollbackError struct{ msg string }
+
+func (e *rollbackError) Error() string { return e.msg }
+func (e *rollbackError) Unwrap() error { return ErrRolledBack }
+
+// Control messages of the probation (see the exchange above).
+const (
+	probationMessage  = "\x00probation"
+	candidateMessage  = "\x00candidate"
+	reportRequest     = "\x00report?"
+	reportMessage     = "\x00report"
+	promoteMessage    = "\x00promote"
+	revertMessage     = "\x00revert"
+	handedBackMessage = "\x00handed-back"
+)
+
+// revertTerms is the body of a revert message.
+type revertTerms struct {
+	Reason   string    `json:"reason"`
+	Deadline time.Time `json:"deadline"` // the canary's drain ends by then
+}
+
+// reportTimeout bounds the wait for the canary's figures.
+const reportTimeout = 2 * time.Second
+
+// diverter chooses the connections that go to the canary, exactly one in
+// 1/share, counting new connections and existing keep-alive ones alike.
+type diverter struct {
+	share float64
+	n     atomic.Uint64
+	sent  atomic.Int64
+	wg    sync.WaitGroup // diverts in flight
+	send  func(key string, c net.Conn) error
+	keep  func(key string, c net.Conn) // serves here a connection that could not be sent
+}
+
+func (d *diverter) pick() bool {
+	n := d.n.Add(1)
+	return math.Floor(float64(n)*d.share) > math.Floor(float64(n-1)*d.share)
+}
+
+// divert passes a just-accepted connection, from which nothing was read, to
+// the canary; if that fails it is served here.
+func (d *diverter) divert(key string, c net.Conn) {
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := d.send(key, c); err != nil {
+			d.keep(key, c)
+			return
+		}
+		d.sent.Add(1)
+		c.Close()
+	}()
+}
+
+// trial is the old process's side of one probation.
+type trial struct {
+	p         *Process
+	start     time.Time // the attempt's
+	candidate chan int  // the canary's PID: its checks passed
+	report    chan ProbationStats
+	back      chan struct{} // the canary has handed everything back
+	ended     chan struct{} // tableflip's Upgrade returned
+	done      chan struct{} // run returned
+
+	// Set by run before done closes.
+	pid     int
+	began   time.Time // the window's start; zero if the canary never got there
+	judged  time.Time // the verdict
+	verdict string    // the rollback's reason; "" when promoted or not judged
+	div     *diverter
+}
+
+// beginTrial starts the probation of the attempt that starts at start, or
+// returns nil without Options.Probation.
+func (p *Process) beginTrial(start time.Time) *trial {
+	if p.opts.Probation <= 0 || p.toSuccessor == nil || p.opts.NoHandOff {
+		return nil
+	}
+	tr := &trial{p: p, start: start, candidate: make(chan int, 1), report: make(chan ProbationStats, 1), back: make(chan struct{}, 1), ended: make(chan struct{}), done: make(chan struct{})}
+	p.trial.Store(tr)
+	go tr.run()
+	return tr
+}
+
+// deadline is when tableflip gives up on the new process.
+func (tr *trial) deadline() time.Time { return tr.start.Add(tr.p.opts.UpgradeTimeout) }
+
+func (tr *trial) run() {
+	defer close(tr.done)
+	p := tr.p
+	select {
+	case tr.pid = <-tr.candidate:
+	case <-tr.ended:
+		return // failed before its checks passed, or an older version that knows no probation
+	}
+	tr.began = time.Now()
+	end := tr.began.Add(p.opts.Probation)
+	if latest := tr.deadline().Add(-time.Until(tr.deadline()) / 2); latest.Before(end) {
+		end = latest
+	}
+	base := p.stats.snapshot()
+	tr.div = &diverter{share: p.opts.CanaryShare, send: p.toSuccessor.send, keep: p.inboxes.deliver}
+	p.log.Info("probation: the new process serves its share", "new_pid", tr.pid, "share", p.opts.CanaryShare, "until", end.Format(time.RFC3339))
+	p.notify(status("upgrading: pid %d on probation with %s of the connections", tr.pid, percent(p.opts.CanaryShare)))
+	p.startDivert(tr.div)
+	timer := time.NewTimer(time.Until(end))
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+	case <-tr.ended:
+		p.stopDivert()
+		return // it died: end names it
+	}
+	p.stopDivert()
+	tr.div.wg.Wait()
+	p.awaitClaims(reportTimeout) // what was chosen reaches the canary before the verdict
+	stable := p.stats.snapshot().since(base)
+	var canary ProbationStats
+	p.toSuccessor.setDeadline(time.Now().Add(reportTimeout))
+	err := p.toSuccessor.sendControl(reportRequest)
+	p.toSuccessor.setDeadline(time.Time{})
+	if err == nil {
+		t := time.NewTimer(reportTimeout)
+		defer t.Stop()
+		select {
+		case canary = <-tr.report:
+		case <-t.C:
+			err = errors.New("no report within " + reportTimeout.String())
+		case <-tr.ended:
+			return
+		}
+	}
+	reason, thin := "", false
+	if err != nil {
+		reason = "it did not report its figures: " + err.Error()
+	} else {
+		reason, thin = p.opts.verdict(canary, stable)
+	}
+	attrs := []any{"new_pid", tr.pid, "canary_requests", canary.Requests, "canary_failed", canary.Errors + canary.Panics, "canary_p99", canary.P99, "old_requests", stable.Requests, "old_failed", stable.Errors + stable.Panics, "old_p99", stable.P99}
+	if reason == "" {
+		if thin {
+			p.log.Warn("probation: too few requests to judge the new process's rates; promoting it", append(attrs, "min_requests", p.opts.ProbationMinRequests)...)
+		} else {
+			p.log.Info("probation passed: promoting the new process", attrs...)
+		}
+		if err := p.toSuccessor.sendControl(promoteMessage); err != nil {
+			p.log.Error("probation: cannot promote the new process", "err", err)
+		}
+		return
+	}
+	tr.verdict, tr.judged = reason, time.Now()
+	p.log.Warn("probation failed: rolling the new process back", append(attrs, "reason", reason)...)
+	b, _ := json.Marshal(revertTerms{Reason: reason, Deadline: tr.deadline().Add(-time.Second)})
+	if err := p.toSuccessor.sendControl(revertMessage + " " + string(b)); err != nil {
+		p.log.Error("probation: cannot tell the new process to roll back; it is stopped at the upgrade timeout", "err", err)
+	}
+}
+
+// end finishes the trial once tableflip's Upgrade has returned err, and
+// returns the attempt's error: err, or the rollback's.
+func (tr *trial) end(err error) error {
+	close(tr.ended)
+	<-tr.done
+	p := tr.p
+	p.trial.CompareAndSwap(tr, nil)
+	if tr.div != nil {
+		tr.div.wg.Wait()
+	}
+	if err == nil {
+		return nil // the drain passes every idle connection on from now
+	}
+	p.endDivert()
+	if tr.verdict != "" {
+		// Its connections come back before its last message.
+		t := time.NewTimer(reportTimeout)
+		select {
+		case <-tr.back:
+		case <-t.C:
+			p.log.Warn("probation: the rolled-back process did not say it handed everything back")
+		}
+		t.Stop()
+	}
+	p.reclaim()
+	switch {
+	case tr.verdict != "":
+		return &rollbackError{fmt.Sprintf("rolled back after %v: %s", tr.judged.Sub(tr.began).Round(100*time.Millisecond), tr.verdict)}
+	case !tr.began.IsZero():
+		return &rollbackError{fmt.Sprintf("rolled back: the new process died %v into its probation: %v", time.Since(tr.began).Round(100*time.Millisecond), err)}
+	}
+	return err
+}
+
+// startDivert makes every served HTTP listener pass its share of new
+// connections to the canary, and claim its share of the open keep-alive
+// ones, each as it next goes idle.
+func (p *Process) startDivert(d *diverter) {
+	p.mu.Lock()
+	trackers := append([]*tracker(nil), p.trackers...)
+	p.mu.Unlock()
+	for _, t := range trackers {
+		if t.raw {
+			continue
+		}
+		key := t.key
+		t.mu.Lock()
+		t.selective.Store(true)
+		t.setSend(func(c net.Conn) error { return d.send(key, c) })
+		for c := range t.conns {
+			if c.tls == nil && !c.h2.Load() && d.pick() {
+				c.toCanary = true
+				if c.http == http.StateIdle {
+					c.claimLocked()
+				}
+			}
+		}
+		t.divert.Store(d)
+		t.mu.Unlock()
+	}
+}
+
+// stopDivert ends the split: new connections stay here, and no more open
+// ones are claimed (those claimed already are sent).
+func (p *Process) stopDivert() {
+	p.mu.Lock()
+	trackers := append([]*tracker(nil), p.trackers...)
+	p.mu.Unlock()
+	for _, t := range trackers {
+		t.mu.Lock()
+		t.divert.Store(nil)
+		for c := range t.conns {
+			c.toCanary = false
+		}
+		t.mu.Unlock()
+	}
+}
+
+// endDivert ends a probation that did not promote: no connection is
+// claimed for a new process any more.
+func (p *Process) endDivert() {
+	p.mu.Lock()
+	trackers := append([]*tracker(nil), p.trackers...)
+	p.mu.Unlock()
+	for _, t := range trackers {
+		t.mu.Lock()
+		if t.selective.Load() {
+			t.setSend(nil)
+			t.selective.Store(false)
+		}
+		t.mu.Unlock()
+	}
+}
+
+// awaitClaims waits, at most d, until no connection claimed for the canary
+// is still on its way.
+func (p *Process) awaitClaims(d time.Duration) {
+	deadline := time.Now().Add(d)
+	p.mu.Lock()
+	trackers := append([]*tracker(nil), p.trackers...)
+	p.mu.Unlock()
+	for _, t := range trackers {
+		for {
+			t.mu.Lock()
+			pending := false
+			for c := range t.conns {
+				if s := c.state(); s == connClaimed || s == connHanding {
+					pending = true
+					break
+				}
+			}
+			changed := t.changedLocked()
+			t.mu.Unlock()
+			left := time.Until(deadline)
+			if !pending || left <= 0 {
+				break
+			}
+			timer := time.NewTimer(min(left, 10*time.Millisecond))
+			select {
+			case <-changed:
+			case <-timer.C:
+			}
+			timer.Stop()
+		}
+	}
+}
+
+// takesBack reports whether connections can come back from a new process:
+// this process judges its successors.
+func (p *Process) takesBack() bool {
+	return p.opts.Probation > 0 && p.toSuccessor != nil && !p.opts.NoHandOff
+}
+
+// canary is the new process's side of a probation: set at New when the
+// old process said so.
+type canary struct {
+	promote chan struct{}
+	revert  chan revertTerms
+	once    sync.Once
+	open    chan struct{} // closed at promotion: the listeners accept
+}
+
+func newCanary() *canary {
+	return &canary{promote: make(chan struct{}, 1), revert: make(chan revertTerms, 1), open: make(chan struct{})}
+}
+
+// serveProbation runs a canary's probation: it serves what the old process
+// hands it until promoted (true) or rolled back, told to stop or left
+// without a server (false, and why).
+func (p *Process) serveProbation(ctx context.Context, drainSig <-chan os.Signal) (bool, string) {
+	c := p.canary
+	p.life.enter(PhaseProbation)
+	p.log.Info("on probation: serving the connections the previous process hands over")
+	if err := p.fromParent.sendControl(candidateMessage + " " + strconv.Itoa(os.Getpid())); err != nil {
+		return false, "cannot tell the previous process the checks passed: " + err.Error()
+	}
+	select {
+	case <-c.promote:
+		return true, ""
+	case t := <-c.revert:
+		p.mu.Lock()
+		p.drainBy = t.Deadline
+		p.mu.Unlock()
+		return false, "by the previous process: " + t.Reason
+	case sig := <-drainSig:
+		return false, "on signal " + sig.String()
+	case <-ctx.Done():
+		return false, "as its context ended"
+	case <-p.group.exited:
+		return false, "as a server stopped"
+	case <-p.fromParent.ended():
+		// The old process is gone: this one is all there is.
+		return true, ""
+	}
+}
+
+// canaryControl acts on the old process's probation messages.
+func (p *Process) canaryControl(kind, body string) {
+	c := p.canary
+	if c == nil {
+		return
+	}
+	switch kind {
+	case reportRequest:
+		st := p.stats.snapshot().since(statsSnapshot{})
+		if err := joinFailures(p.health.runChecks(context.Background(), false)); err != nil {
+			st.Checks = err.Error()
+		}
+		b, _ := json.Marshal(st)
+		if err := p.fromParent.sendControl(reportMessage + " " + string(b)); err != nil {
+			p.log.Warn("probation: cannot report to the previous process", "err", err)
+		}
+	case promoteMessage:
+		select {
+		case c.promote <- struct{}{}:
+		default:
+		}
+	case revertMessage:
+		var t revertTerms
+		if err := json.Unmarshal([]byte(body), &t); err != nil {
+			t.Reason = "(unreadable reason)"
+		}
+		// The old process sent everything it had chosen for us before this.
+		p.parentDelivered()
+		select {
+		case c.revert <- t:
+		default:
+		}
+	}
+}
+
+// trialControl acts on the canary's probation messages.
+func (p *Process) trialControl(kind, body string) {
+	tr := p.trial.Load()
+	if tr == nil {
+		return
+	}
+	switch kind {
+	case candidateMessage:
+		pid, _ := strconv.Atoi(body)
+		select {
+		case tr.candidate <- pid:
+		default:
+		}
+	case reportMessage:
+		var st ProbationStats
+		if err := json.Unmarshal([]byte(body), &st); err != nil {
+			p.log.Warn("probation: the new process's report is unreadable", "err", err)
+			return
+		}
+		select {
+		case tr.report <- st:
+		default:
+		}
+	case handedBackMessage:
+		select {
+		case tr.back <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// gatedListener is a canary's listener: Accept waits for the promotion, so
+// that during probation the canary serves only what it is handed.
+type gatedListener struct {
+	net.Listener
+	open      <-chan struct{}
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func (l *gatedListener) Accept() (net.Conn, error) {
+	select {
+	case <-l.open:
+		return l.Listener.Accept()
+	case <-l.closed:
+		return nil, &net.OpError{Op: "accept", Net: l.Addr().Network(), Addr: l.Addr(), Err: net.ErrClosed}
+	}
+}
+
+func (l *gatedListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// gate returns ln, gated until the promotion in a canary.
+func (p *Process) gate(ln net.Listener) net.Listener {
+	if p.canary == nil {
+		return ln
+	}
+	return &gatedListener{Listener: ln, open: p.canary.open, closed: make(chan struct{})}
+}
