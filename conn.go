@@ -251,10 +251,15 @@ func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
 			tc.seenAt.Store(tc.since.UnixNano())
 		}
 	}
-	if (s == http.StateIdle || s == http.StateNew) && t.send.Load() != nil && (tc.toCanary || !t.selective.Load()) {
-		// Claimed before net/http's next read, which then sees EOF. (A new
-		// connection during a drain is one our parent handed us late.)
-		tc.claimLocked()
+	if (s == http.StateIdle || s == http.StateNew) && t.send.Load() != nil {
+		if !t.selective.Load() {
+			// Claimed before net/http's next read, which then sees EOF. (A
+			// new connection during a drain is one our parent handed us
+			// late.)
+			tc.claimLocked()
+		} else if s == http.StateIdle {
+			t.chooseLocked(tc)
+		}
 	}
 	if s == http.StateActive {
 		tc.setFlag(heldBit, false) // the held byte's request is now active
@@ -265,6 +270,21 @@ func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
 		}
 	}
 	t.notifyLocked()
+}
+
+// chooseLocked decides, during a probation, whether an idle connection
+// goes to the canary, once, and claims it if so. Called with t.mu held.
+func (t *tracker) chooseLocked(tc *trackedConn) {
+	d := t.divert.Load()
+	if d == nil || tc.tls != nil || tc.h2.Load() {
+		return
+	}
+	if !tc.chosen {
+		tc.chosen, tc.toCanary = true, d.pick()
+	}
+	if tc.toCanary {
+		tc.claimLocked()
+	}
 }
 
 // startDrain marks the connections whose current response may still offer
@@ -345,11 +365,18 @@ func (l *trackedListener) Accept() (net.Conn, error) {
 		if err != nil || l.preTracked {
 			return c, err
 		}
-		if d := l.t.divert.Load(); d != nil && d.pick() {
+		d := l.t.divert.Load()
+		if d != nil && d.pick() {
 			d.divert(l.t.key, c) // during a probation: the canary's
 			continue
 		}
-		return l.t.add(c), nil
+		tc := l.t.add(c)
+		if d != nil {
+			l.t.mu.Lock()
+			tc.chosen = true // chosen to stay, as it was accepted
+			l.t.mu.Unlock()
+		}
+		return tc, nil
 	}
 }
 
@@ -383,6 +410,7 @@ type trackedConn struct {
 	preDrain bool      // active when the drain started: its response may lack "Connection: close"
 	tls      *tls.Conn
 	toCanary bool // chosen for the canary during a probation: claimed when idle
+	chosen   bool // during a probation: toCanary has been decided
 
 	closeOnce sync.Once
 	closeErr  error

@@ -149,11 +149,14 @@ type Options struct {
 	// process (the usual hand-over) or rolls it back: the canary hands
 	// every connection back as it goes idle, finishes its requests and
 	// exits, and [Process.Upgrade] fails with [ErrRolledBack] and the
-	// figures. See [ProbationStats] for the verdict. It must be shorter
+	// figures. See [ProbationStats] for the verdict, and for the window's
+	// extension while traffic is too thin to judge. It must be shorter
 	// than UpgradeTimeout, which bounds the whole attempt: the window is cut
 	// short when slow checks would leave less than half of the time after
 	// it for the verdict and a rollback. Zero means no probation: the new
-	// process takes over as soon as it is ready.
+	// process takes over as soon as it is ready. Connections are split
+	// under [Process.Serve] only: the canary's other listeners accept
+	// nothing until it is promoted.
 	Probation time.Duration
 
 	// CanaryShare is the fraction of connections (0 to 1) the canary

@@ -53,9 +53,12 @@ import (
 // sharing CPUs differ by scheduling alone); and if [Options.ProbationJudge]
 // says so. When the
 // old process served fewer than ProbationMinRequests, its rate counts as
-// zero. When the canary served fewer, traffic was too thin to judge its
-// rates: it is promoted on having run and passed its checks, and the log
-// says so.
+// zero. When the canary has served fewer at the end of the window, the
+// window goes on, a quarter of Probation at a time, until it has or until
+// half of the time left before UpgradeTimeout has passed; traffic still too
+// thin to judge its rates, it is promoted on having run and passed its
+// checks (and the log says so): a quiet hour must not make every deploy
+// fail.
 type ProbationStats struct {
 	Requests int           `json:"requests"` // answered, or ended by a panic
 	Errors   int           `json:"errors"`   // answered with a 5xx status
@@ -417,42 +420,37 @@ func (tr *trial) run() {
 		return // failed before its checks passed, or an older version that knows no probation
 	}
 	tr.began = time.Now()
-	end := tr.began.Add(p.opts.Probation)
-	if latest := tr.deadline().Add(-time.Until(tr.deadline()) / 2); latest.Before(end) {
-		end = latest
-	}
+	// The window may be extended while traffic is too thin to judge, until
+	// latest: half of the time the checks left.
+	latest := tr.deadline().Add(-time.Until(tr.deadline()) / 2)
+	end := earlier(tr.began.Add(p.opts.Probation), latest)
 	base := p.stats.snapshot()
 	tr.div = &diverter{share: p.opts.CanaryShare, send: p.toSuccessor.send, keep: p.inboxes.deliver}
 	p.log.Info("probation: the new process serves its share", "new_pid", tr.pid, "share", p.opts.CanaryShare, "until", end.Format(time.RFC3339))
 	p.notify(status("upgrading: pid %d on probation with %s of the connections", tr.pid, percent(p.opts.CanaryShare)))
 	p.startDivert(tr.div)
-	timer := time.NewTimer(time.Until(end))
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-	case <-tr.ended:
-		p.stopDivert()
-		return // it died: end names it
+	defer p.stopDivert()
+	var canary ProbationStats
+	var err error
+	for extended := false; ; extended = true {
+		if !tr.sleep(time.Until(end)) {
+			return // it died: end names it
+		}
+		if canary, err = tr.ask(); err != nil || canary.Requests >= p.opts.ProbationMinRequests || !time.Now().Before(latest) {
+			break
+		}
+		if !extended {
+			p.log.Info("probation: too few requests to judge yet; extending the window", "new_pid", tr.pid, "canary_requests", canary.Requests, "min_requests", p.opts.ProbationMinRequests, "until", latest.Format(time.RFC3339))
+		}
+		end = earlier(time.Now().Add(max(p.opts.Probation/4, 250*time.Millisecond)), latest)
+	}
+	if err == errEnded {
+		return
 	}
 	p.stopDivert()
 	tr.div.wg.Wait()
 	p.awaitClaims(reportTimeout) // what was chosen reaches the canary before the verdict
 	stable := p.stats.snapshot().since(base)
-	var canary ProbationStats
-	p.toSuccessor.setDeadline(time.Now().Add(reportTimeout))
-	err := p.toSuccessor.sendControl(reportRequest)
-	p.toSuccessor.setDeadline(time.Time{})
-	if err == nil {
-		t := time.NewTimer(reportTimeout)
-		defer t.Stop()
-		select {
-		case canary = <-tr.report:
-		case <-t.C:
-			err = errors.New("no report within " + reportTimeout.String())
-		case <-tr.ended:
-			return
-		}
-	}
 	reason, thin := "", false
 	if err != nil {
 		reason = "it did not report its figures: " + err.Error()
@@ -476,6 +474,53 @@ func (tr *trial) run() {
 	b, _ := json.Marshal(revertTerms{Reason: reason, Deadline: tr.deadline().Add(-time.Second)})
 	if err := p.toSuccessor.sendControl(revertMessage + " " + string(b)); err != nil {
 		p.log.Error("probation: cannot tell the new process to roll back; it is stopped at the upgrade timeout", "err", err)
+	}
+}
+
+func earlier(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
+
+// errEnded: the new process's attempt ended (it died) while waiting.
+var errEnded = errors.New("the attempt ended")
+
+// sleep waits d, or until the attempt ends (false).
+func (tr *trial) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-tr.ended:
+		return false
+	}
+}
+
+// ask asks the canary for its figures.
+func (tr *trial) ask() (ProbationStats, error) {
+	select {
+	case <-tr.report: // a late answer to an earlier question
+	default:
+	}
+	p := tr.p
+	p.toSuccessor.setDeadline(time.Now().Add(reportTimeout))
+	err := p.toSuccessor.sendControl(reportRequest)
+	p.toSuccessor.setDeadline(time.Time{})
+	if err != nil {
+		return ProbationStats{}, err
+	}
+	t := time.NewTimer(reportTimeout)
+	defer t.Stop()
+	select {
+	case st := <-tr.report:
+		return st, nil
+	case <-t.C:
+		return ProbationStats{}, errors.New("no report within " + reportTimeout.String())
+	case <-tr.ended:
+		return ProbationStats{}, errEnded
 	}
 }
 
@@ -515,7 +560,8 @@ func (tr *trial) end(err error) error {
 
 // startDivert makes every served HTTP listener pass its share of new
 // connections to the canary, and claim its share of the open keep-alive
-// ones, each as it next goes idle.
+// ones, each chosen or not as it next goes idle (a stream that never does
+// takes no share).
 func (p *Process) startDivert(d *diverter) {
 	p.mu.Lock()
 	trackers := append([]*tracker(nil), p.trackers...)
@@ -528,15 +574,12 @@ func (p *Process) startDivert(d *diverter) {
 		t.mu.Lock()
 		t.selective.Store(true)
 		t.setSend(func(c net.Conn) error { return d.send(key, c) })
+		t.divert.Store(d)
 		for c := range t.conns {
-			if c.tls == nil && !c.h2.Load() && d.pick() {
-				c.toCanary = true
-				if c.http == http.StateIdle {
-					c.claimLocked()
-				}
+			if c.http == http.StateIdle {
+				t.chooseLocked(c) // the others as they next go idle
 			}
 		}
-		t.divert.Store(d)
 		t.mu.Unlock()
 	}
 }
@@ -551,7 +594,7 @@ func (p *Process) stopDivert() {
 		t.mu.Lock()
 		t.divert.Store(nil)
 		for c := range t.conns {
-			c.toCanary = false
+			c.toCanary, c.chosen = false, false
 		}
 		t.mu.Unlock()
 	}

@@ -170,12 +170,23 @@ func TestCanary(t *testing.T) {
 	})
 
 	t.Run("latency not judged", func(t *testing.T) {
-		srv, deploy, _ := start(t)
+		const upgradeTimeout = 8 * time.Second
+		srv, deploy, _ := start(t, "-upgrade-timeout", upgradeTimeout.String())
 		old := srv.PID()
 		out, code, st, _ := during(srv, deploy, slow)
 		require.Equal(t, 0, code, out)
 		srv.Follow()
 		assert.NotEqual(t, old, srv.PID())
 		assert.Zero(t, st.Failed(), "%v %v", st.Failures, st.Samples)
+
+		// No traffic at all: the window goes on, up to half of the time
+		// the checks left, then the new version is promoted.
+		began := time.Now()
+		out, code = deploy(v2)
+		took := time.Since(began)
+		require.Equal(t, 0, code, out)
+		assert.Greater(t, took, window+time.Second, "the window was extended")
+		assert.Less(t, took, upgradeTimeout*3/4)
+		t.Logf("promoted after %v without traffic", took.Round(time.Millisecond))
 	})
 }

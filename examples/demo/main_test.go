@@ -6,9 +6,9 @@ import (
 )
 
 // The demo is the README's main command: it must keep working and report
-// zero failures.
+// zero failures, and the failing build must be rolled back.
 func TestDemo(t *testing.T) {
-	if err := run(2, 300*time.Millisecond, false); err != nil {
+	if err := run(2, 300*time.Millisecond, false, time.Second, true); err != nil {
 		t.Fatal(err)
 	}
 }
