@@ -185,6 +185,7 @@ func TestCanary(t *testing.T) {
 		out, code = deploy(v2)
 		took := time.Since(began)
 		require.Equal(t, 0, code, out)
+		srv.Follow()
 		assert.Greater(t, took, window+time.Second, "the window was extended")
 		assert.Less(t, took, upgradeTimeout*3/4)
 		t.Logf("promoted after %v without traffic", took.Round(time.Millisecond))

@@ -166,6 +166,7 @@ func deployFailing(ctx context.Context, dir, bin, sock string, srv *loadtest.Ser
 	fmt.Printf("(exit status %d)\n", code)
 	sleep(ctx, 300*time.Millisecond)
 	stats := load.Stop()
+	srv.Follow() // had it been promoted, stop the process that serves
 	now, err := os.ReadFile(bin)
 	if err != nil {
 		return err

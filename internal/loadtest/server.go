@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -308,6 +309,11 @@ func (s *Server) Kill() {
 		pids = append(pids, pid)
 	}
 	s.mu.Unlock()
+	// Last, the generation the PID file names, if nobody followed it: by
+	// then its parent is gone and it is our child.
+	if pid := ReadPIDFile(s.PIDFile); pid != 0 && !slices.Contains(pids, pid) {
+		pids = append(pids, pid)
+	}
 	for _, pid := range pids {
 		c := s.exitC(pid)
 		select {
