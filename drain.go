@@ -82,6 +82,16 @@ func (p *Process) drain(reason string) error {
 	// no successor, removes the Unix socket files. Not in a new process that
 	// never became ready: the sockets are its parent's, which serves on.
 	if ready || !p.hasParent() {
+		if tr := p.trial.Load(); tr != nil {
+			// A canary on probation serves clients: it drains, on its own,
+			// before an upgrade still in progress is cancelled.
+			tr.abandon("the old process is draining", true)
+			ctx := p.drainContext()
+			select {
+			case <-tr.ended:
+			case <-ctx.Done():
+			}
+		}
 		p.stopPlatform()
 	}
 	if !upgraded && p.opts.PIDFile != "" {
@@ -90,7 +100,7 @@ func (p *Process) drain(reason string) error {
 	err := p.group.wait()
 	if p.life.get() == PhaseHandingBack {
 		// Every connection it could pass back is on its way, before this.
-		if serr := p.fromParent.sendControl(handedBackMessage); serr != nil {
+		if serr := p.fromParent.sendControl(handedBackMessage, time.Second); serr != nil {
 			p.log.Warn("probation: cannot tell the previous process the hand-back is over", "err", serr)
 		}
 	}
@@ -124,7 +134,7 @@ func (p *Process) reportDrain(start time.Time, upgraded bool) {
 	if upgraded && p.toSuccessor != nil {
 		b, _ := json.Marshal(rep)
 		p.toSuccessor.setDeadline(time.Now().Add(time.Second)) // past the drain's own deadline, maybe
-		if err := p.toSuccessor.sendControl(drainedMessage + " " + string(b)); err != nil {
+		if err := p.toSuccessor.sendControl(drainedMessage+" "+string(b), 0); err != nil {
 			p.log.Warn("cannot tell the new process how the drain went", "err", err)
 		}
 	}
@@ -169,6 +179,11 @@ func (p *Process) drainRequested(drainSig <-chan os.Signal) {
 	p.mu.Lock()
 	p.drainAsked = true // no attempt starts from now on (see Upgrade)
 	p.mu.Unlock()
+	if tr := p.trial.Load(); tr != nil {
+		// A canary serves clients: it drains too, instead of waiting for
+		// its verdict or being killed.
+		tr.abandon("the old process was told to stop", true)
+	}
 	if p.settleAttempt(drainSig) {
 		if err := p.toSuccessor.requestDrain(); err != nil {
 			p.log.Error("cannot ask the new process to drain; signalling it", "err", err)

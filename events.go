@@ -335,6 +335,17 @@ func (p *Process) endAttempt(start time.Time, newPID int, err error) {
 	r.mu.Unlock()
 }
 
+// attemptPID records the new process of the attempt in progress, once it
+// is known (a probation learns it before the attempt ends).
+func (p *Process) attemptPID(pid int) {
+	r := p.record
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.attempt >= 0 {
+		r.status.Upgrades[r.attempt].NewPID = pid
+	}
+}
+
 // inherit takes the state our parent passed (see beginAttempt).
 func (p *Process) inherit(body string) {
 	var st handedState
@@ -437,7 +448,7 @@ func (p *Process) controlMessage(msg string) {
 		}
 	case reportRequest, promoteMessage, revertMessage:
 		p.canaryControl(kind, body)
-	case candidateMessage, reportMessage, handedBackMessage:
+	case candidateMessage, reportMessage, handedBackMessage, leavingMessage:
 		p.trialControl(kind, body)
 	}
 }

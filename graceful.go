@@ -54,7 +54,7 @@ var (
 	// new process was rolled back at the end of its probation, or died
 	// during it (see [Options.Probation]); the error names the verdict and
 	// its figures.
-	ErrRolledBack = errors.New("rolled back")
+	ErrRolledBack = errors.New("graceful: rolled back")
 )
 
 // Options configures a [Process]. The zero value is ready to use.
@@ -370,8 +370,11 @@ func (p *Process) Health() *Health { return p.health }
 // use [Process.Ready] or [Process.Draining].
 func (p *Process) Phase() Phase { return p.life.get() }
 
-// Ready returns a channel closed once, when the process has declared itself
-// ready (entered [PhaseServing]).
+// Ready returns a channel closed once, when the process starts serving
+// traffic: it entered [PhaseServing], or, as a canary on probation (see
+// [Options.Probation]), [PhaseProbation], from which it may still be rolled
+// back. Work that must run in one process only should wait for
+// [PhaseServing] in [Process.Status] or for the upgrade's success instead.
 func (p *Process) Ready() <-chan struct{} { return p.life.ready }
 
 // Draining returns a channel closed once, when the process starts to drain
@@ -464,12 +467,16 @@ func (p *Process) Run(ctx context.Context) error {
 		p.toSuccessor.receive(p.inboxes.deliver, func() {})
 	}
 	if p.canary != nil {
-		if promoted, reason := p.serveProbation(ctx, drainSig); !promoted {
-			p.life.enter(PhaseHandingBack)
+		if promoted, reason, alone := p.serveProbation(ctx, drainSig); !promoted {
+			if alone {
+				p.life.enter(PhaseDraining) // the old process drains too: nothing to hand back to
+			} else {
+				p.life.enter(PhaseHandingBack)
+			}
 			err := p.drain(reason)
 			p.fromParent.close()
 			p.fromParent.wait()
-			return errors.Join(fmt.Errorf("graceful: %w: %s", ErrRolledBack, reason), err)
+			return errors.Join(fmt.Errorf("%w %s", ErrRolledBack, reason), err)
 		}
 	}
 	if err := p.declareReady(); err != nil {

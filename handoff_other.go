@@ -21,7 +21,9 @@ func (h *handoff) setDeadline(time.Time) {}
 
 func (h *handoff) requestDrain() error { return errNoHandoff }
 
-func (h *handoff) sendControl(string) error { return errNoHandoff }
+func (h *handoff) sendControl(string, time.Duration) error { return errNoHandoff }
+
+func (h *handoff) setPatience(time.Duration) {}
 
 func (h *handoff) close() {}
 

@@ -12,6 +12,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -27,6 +28,13 @@ type handoff struct {
 	mu      sync.Mutex
 	queue   []*outgoing // waiting for a message
 	sending bool        // a sender is emptying queue
+
+	// wmu serialises writes, each under its own write deadline: the
+	// earlier of deadline (setDeadline: every send from now on) and, if
+	// patience is set, that long from the write's start.
+	wmu      sync.Mutex
+	deadline time.Time // guarded by wmu
+	patience atomic.Int64
 
 	// onControl, if set before receive, is called with each control
 	// message (see events.go) the receive loop reads.
@@ -128,8 +136,16 @@ func (h *handoff) send(key string, c net.Conn) error {
 			batch := h.queue[:min(len(h.queue), maxBatch)]
 			h.queue = h.queue[len(batch):]
 			h.mu.Unlock()
-			h.sendEach(batch)
+			err := h.sendEach(batch)
 			h.mu.Lock()
+			if os.IsTimeout(err) {
+				// The other end does not read: those waiting would each
+				// wait as long again.
+				for _, o := range h.queue {
+					o.done <- err
+				}
+				h.queue = nil
+			}
 		}
 		h.sending = false
 		h.queue = nil
@@ -141,21 +157,23 @@ func (h *handoff) send(key string, c net.Conn) error {
 	return nil
 }
 
-// sendEach sends batch in one message and tells each sender the outcome.
-// If the message is refused for a reason that one descriptor may cause
-// (not the deadline, not a peer gone: too many descriptors in flight, a bad
-// one), each is sent alone, so that one cannot cost the others.
-func (h *handoff) sendEach(batch []*outgoing) {
+// sendEach sends batch in one message and tells each sender the outcome,
+// which it returns. If the message is refused for a reason that one
+// descriptor may cause (not the deadline, not a peer gone: too many
+// descriptors in flight, a bad one), each is sent alone, so that one cannot
+// cost the others.
+func (h *handoff) sendEach(batch []*outgoing) error {
 	err := h.sendBatch(batch)
 	if err != nil && len(batch) > 1 && !os.IsTimeout(err) && !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET) {
 		for _, o := range batch {
 			o.done <- h.sendBatch([]*outgoing{o})
 		}
-		return
+		return nil
 	}
 	for _, o := range batch {
 		o.done <- err
 	}
+	return err
 }
 
 // sendBatch sends one message: the entries, NUL-separated, and the
@@ -170,8 +188,23 @@ func (h *handoff) sendBatch(batch []*outgoing) error {
 		keys = append(keys, o.entry...)
 		fds[i] = o.fd
 	}
+	h.wmu.Lock()
+	defer h.wmu.Unlock()
+	h.conn.SetWriteDeadline(h.writeDeadlineLocked(time.Duration(h.patience.Load())))
 	_, _, err := h.conn.WriteMsgUnix(keys, unix.UnixRights(fds...), nil)
 	return err
+}
+
+// writeDeadlineLocked returns the deadline of a write that starts now and
+// may take at most within (0: no bound but deadline's).
+func (h *handoff) writeDeadlineLocked(within time.Duration) time.Time {
+	d := h.deadline
+	if within > 0 {
+		if w := time.Now().Add(within); d.IsZero() || w.Before(d) {
+			d = w
+		}
+	}
+	return d
 }
 
 // receive starts delivering the connections the other end sends, until it
@@ -407,15 +440,28 @@ func (h *handoff) wait() {
 
 // requestDrain asks the other end to drain, as if it had received a drain
 // signal.
-func (h *handoff) requestDrain() error { return h.sendControl(drainRequest) }
+func (h *handoff) requestDrain() error { return h.sendControl(drainRequest, time.Second) }
 
-// sendControl sends a control message (no descriptor; see events.go).
-func (h *handoff) sendControl(msg string) error {
+// sendControl sends a control message (no descriptor; see events.go),
+// waiting at most within for room (0: until the deadline, if any).
+func (h *handoff) sendControl(msg string, within time.Duration) error {
 	if h == nil {
 		return errNoHandoff
 	}
+	h.wmu.Lock()
+	defer h.wmu.Unlock()
+	h.conn.SetWriteDeadline(h.writeDeadlineLocked(within))
 	_, _, err := h.conn.WriteMsgUnix([]byte(msg), nil, nil)
 	return err
+}
+
+// setPatience bounds, when d > 0, how long each send of a connection may
+// wait for the other end to read: during a probation, a canary that stalls
+// must not hold a client; its connection is served here instead.
+func (h *handoff) setPatience(d time.Duration) {
+	if h != nil {
+		h.patience.Store(int64(d))
+	}
 }
 
 // takeControl returns, without waiting, the control messages that wait at
@@ -454,9 +500,15 @@ func (h *handoff) takeControl() []string {
 // The drain sets its own deadline, so that a successor that stalls for less
 // (a long GC pause, a starved CPU) costs no connection.
 func (h *handoff) setDeadline(t time.Time) {
-	if h != nil {
-		h.conn.SetWriteDeadline(t)
+	if h == nil {
+		return
 	}
+	if !t.IsZero() {
+		h.conn.SetWriteDeadline(t) // a send blocked now is bounded too
+	}
+	h.wmu.Lock()
+	h.deadline = t
+	h.wmu.Unlock()
 }
 
 // close closes our end; a receive loop ends.

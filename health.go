@@ -16,7 +16,8 @@ const (
 )
 
 // Health holds the readiness state of a [Process] and serves probes.
-// Readiness is: the process is in [PhaseServing] or [PhaseUpgrading], and
+// Readiness is: the process is in [PhaseServing], [PhaseUpgrading] or
+// [PhaseProbation] (a canary serves real traffic), and
 // every check passes. Once the drain is on its way ([PhaseDelaying] or
 // later) readiness stays false.
 type Health struct {

@@ -18,6 +18,7 @@ import (
 //	Probation   -> Serving      promoted: the process declared itself ready
 //	Probation   -> HandingBack  rolled back (or told to stop): hands its connections
 //	                            back to the previous process, which serves on, and drains
+//	Probation   -> Draining     rolled back as the previous process drains too
 //	Serving     -> Upgrading    Upgrade started a new process
 //	Upgrading   -> Serving      the new process failed; nothing changed here
 //	Upgrading   -> HandingOver  the new process is ready: this one drains, passing connections to it
@@ -58,7 +59,7 @@ func (ph Phase) String() string {
 var phaseTransitions = [...][]Phase{
 	PhaseStarting:    {PhaseChecking},
 	PhaseChecking:    {PhaseServing, PhaseProbation, PhaseDraining},
-	PhaseProbation:   {PhaseServing, PhaseHandingBack},
+	PhaseProbation:   {PhaseServing, PhaseHandingBack, PhaseDraining},
 	PhaseServing:     {PhaseUpgrading, PhaseDelaying, PhaseDraining},
 	PhaseUpgrading:   {PhaseServing, PhaseHandingOver, PhaseDelaying, PhaseDraining},
 	PhaseDelaying:    {PhaseHandingOver, PhaseDraining},

@@ -31,6 +31,7 @@ import (
 //	old -> new  promote    declare yourself ready (tableflip's Ready): the usual hand-over follows
 //	old -> new  revert     hand every connection back, drain by the deadline given, exit
 //	new -> old  handed-back  every connection it could hand back is on its way
+//	new -> old  leaving    it stops on its own (a signal, ...): the old process ends the window
 //
 // During the window the old process passes every chosen connection over the
 // same channel as a hand-over does, before reading anything from it; the
@@ -224,6 +225,14 @@ func (w *statusWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return c, rw, err
 }
 
+// Push keeps HTTP/2 server push.
+func (w *statusWriter) Push(target string, opts *http.PushOptions) error {
+	if pusher, ok := w.ResponseWriter.(http.Pusher); ok {
+		return pusher.Push(target, opts)
+	}
+	return http.ErrNotSupported
+}
+
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // checkProbation refuses settings that cannot work, naming the field.
@@ -336,12 +345,14 @@ const (
 	promoteMessage    = "\x00promote"
 	revertMessage     = "\x00revert"
 	handedBackMessage = "\x00handed-back"
+	leavingMessage    = "\x00leaving" // to the parent: the canary stops on its own (signal, ...): why
 )
 
 // revertTerms is the body of a revert message.
 type revertTerms struct {
 	Reason   string    `json:"reason"`
-	Deadline time.Time `json:"deadline"` // the canary's drain ends by then
+	Deadline time.Time `json:"deadline"`        // the canary's drain ends by then
+	Alone    bool      `json:"alone,omitempty"` // drain without handing back: the old process drains too
 }
 
 // reportTimeout bounds the wait for the canary's figures.
@@ -350,15 +361,19 @@ const reportTimeout = 2 * time.Second
 // diverter chooses the connections that go to the canary, exactly one in
 // 1/share, counting new connections and existing keep-alive ones alike.
 type diverter struct {
-	share float64
-	n     atomic.Uint64
-	sent  atomic.Int64
-	wg    sync.WaitGroup // diverts in flight
-	send  func(key string, c net.Conn) error
-	keep  func(key string, c net.Conn) // serves here a connection that could not be sent
+	share  float64
+	n      atomic.Uint64
+	sent   atomic.Int64
+	failed atomic.Bool    // a send failed: the canary does not take them; keep the rest here
+	wg     sync.WaitGroup // diverts in flight
+	send   func(key string, c net.Conn) error
+	keep   func(key string, c net.Conn) // serves here a connection that could not be sent
 }
 
 func (d *diverter) pick() bool {
+	if d.failed.Load() {
+		return false
+	}
 	n := d.n.Add(1)
 	return math.Floor(float64(n)*d.share) > math.Floor(float64(n-1)*d.share)
 }
@@ -370,6 +385,7 @@ func (d *diverter) divert(key string, c net.Conn) {
 	go func() {
 		defer d.wg.Done()
 		if err := d.send(key, c); err != nil {
+			d.failed.Store(true)
 			d.keep(key, c)
 			return
 		}
@@ -387,11 +403,13 @@ type trial struct {
 	back      chan struct{} // the canary has handed everything back
 	ended     chan struct{} // tableflip's Upgrade returned
 	done      chan struct{} // run returned
+	abort     chan abortRequest
 
 	// Set by run before done closes.
 	pid     int
 	began   time.Time // the window's start; zero if the canary never got there
 	judged  time.Time // the verdict
+	killed  bool      // it was killed: it hands nothing back
 	verdict string    // the rollback's reason; "" when promoted or not judged
 	div     *diverter
 }
@@ -402,7 +420,7 @@ func (p *Process) beginTrial(start time.Time) *trial {
 	if p.opts.Probation <= 0 || p.toSuccessor == nil || p.opts.NoHandOff {
 		return nil
 	}
-	tr := &trial{p: p, start: start, candidate: make(chan int, 1), report: make(chan ProbationStats, 1), back: make(chan struct{}, 1), ended: make(chan struct{}), done: make(chan struct{})}
+	tr := &trial{p: p, start: start, candidate: make(chan int, 1), report: make(chan ProbationStats, 1), back: make(chan struct{}, 1), ended: make(chan struct{}), done: make(chan struct{}), abort: make(chan abortRequest, 1)}
 	p.trial.Store(tr)
 	go tr.run()
 	return tr
@@ -414,11 +432,22 @@ func (tr *trial) deadline() time.Time { return tr.start.Add(tr.p.opts.UpgradeTim
 func (tr *trial) run() {
 	defer close(tr.done)
 	p := tr.p
-	select {
-	case tr.pid = <-tr.candidate:
-	case <-tr.ended:
-		return // failed before its checks passed, or an older version that knows no probation
+	var early *abortRequest // abandoned during the new process's checks
+wait:
+	for {
+		select {
+		case tr.pid = <-tr.candidate:
+			break wait
+		case <-tr.ended:
+			return // failed before its checks passed, or an older version that knows no probation
+		case a := <-tr.abort:
+			early = &a // rolled back as soon as its checks pass
+		}
 	}
+	if early != nil {
+		tr.abandon(early.reason, early.alone)
+	}
+	p.attemptPID(tr.pid)
 	tr.began = time.Now()
 	// The window may be extended while traffic is too thin to judge, until
 	// latest: half of the time the checks left.
@@ -428,13 +457,16 @@ func (tr *trial) run() {
 	tr.div = &diverter{share: p.opts.CanaryShare, send: p.toSuccessor.send, keep: p.inboxes.deliver}
 	p.log.Info("probation: the new process serves its share", "new_pid", tr.pid, "share", p.opts.CanaryShare, "until", end.Format(time.RFC3339))
 	p.notify(status("upgrading: pid %d on probation with %s of the connections", tr.pid, percent(p.opts.CanaryShare)))
+	// A canary that stalls must not hold a client: a connection it does
+	// not take within a second is served here.
+	p.toSuccessor.setPatience(time.Second)
 	p.startDivert(tr.div)
 	defer p.stopDivert()
 	var canary ProbationStats
 	var err error
 	for extended := false; ; extended = true {
-		if !tr.sleep(time.Until(end)) {
-			return // it died: end names it
+		if err = tr.sleep(time.Until(end)); err != nil {
+			break
 		}
 		if canary, err = tr.ask(); err != nil || canary.Requests >= p.opts.ProbationMinRequests || !time.Now().Before(latest) {
 			break
@@ -445,16 +477,26 @@ func (tr *trial) run() {
 		end = earlier(time.Now().Add(max(p.opts.Probation/4, 250*time.Millisecond)), latest)
 	}
 	if err == errEnded {
-		return
+		return // it died: end names it
+	}
+	var aborted abortRequest
+	if err != nil && !errors.As(err, &aborted) {
+		// It did not report: stalled or broken. What it holds is lost
+		// either way; what it never read is served here at once, not at
+		// UpgradeTimeout.
+		tr.kill()
 	}
 	p.stopDivert()
 	tr.div.wg.Wait()
 	p.awaitClaims(reportTimeout) // what was chosen reaches the canary before the verdict
 	stable := p.stats.snapshot().since(base)
-	reason, thin := "", false
-	if err != nil {
+	reason, thin, alone := "", false, false
+	switch {
+	case errors.As(err, &aborted):
+		reason, alone = aborted.reason, aborted.alone
+	case err != nil:
 		reason = "it did not report its figures: " + err.Error()
-	} else {
+	default:
 		reason, thin = p.opts.verdict(canary, stable)
 	}
 	attrs := []any{"new_pid", tr.pid, "canary_requests", canary.Requests, "canary_failed", canary.Errors + canary.Panics, "canary_p99", canary.P99, "old_requests", stable.Requests, "old_failed", stable.Errors + stable.Panics, "old_p99", stable.P99}
@@ -464,16 +506,34 @@ func (tr *trial) run() {
 		} else {
 			p.log.Info("probation passed: promoting the new process", attrs...)
 		}
-		if err := p.toSuccessor.sendControl(promoteMessage); err != nil {
+		if err := p.toSuccessor.sendControl(promoteMessage, reportTimeout); err != nil {
 			p.log.Error("probation: cannot promote the new process", "err", err)
 		}
 		return
 	}
 	tr.verdict, tr.judged = reason, time.Now()
 	p.log.Warn("probation failed: rolling the new process back", append(attrs, "reason", reason)...)
-	b, _ := json.Marshal(revertTerms{Reason: reason, Deadline: tr.deadline().Add(-time.Second)})
-	if err := p.toSuccessor.sendControl(revertMessage + " " + string(b)); err != nil {
-		p.log.Error("probation: cannot tell the new process to roll back; it is stopped at the upgrade timeout", "err", err)
+	if tr.killed {
+		return
+	}
+	deadline := tr.deadline().Add(-time.Second)
+	if ctx := p.drainContext(); ctx != nil {
+		if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+			deadline = d // we drain too: it must be done before we are
+		}
+	}
+	b, _ := json.Marshal(revertTerms{Reason: reason, Deadline: deadline, Alone: alone})
+	if err := p.toSuccessor.sendControl(revertMessage+" "+string(b), reportTimeout); err != nil {
+		p.log.Error("probation: cannot tell the new process to roll back; it is stopped", "err", err)
+		tr.kill()
+	}
+}
+
+// kill stops a canary that cannot be told to roll back.
+func (tr *trial) kill() {
+	tr.killed = true
+	if proc, err := os.FindProcess(tr.pid); err == nil && tr.pid > 0 {
+		proc.Kill()
 	}
 }
 
@@ -487,15 +547,36 @@ func earlier(a, b time.Time) time.Time {
 // errEnded: the new process's attempt ended (it died) while waiting.
 var errEnded = errors.New("the attempt ended")
 
-// sleep waits d, or until the attempt ends (false).
-func (tr *trial) sleep(d time.Duration) bool {
+// abortRequest ends a probation early (an error, for run's waits): the new
+// process is leaving (it was told to stop), or this one is. alone: the
+// canary drains without handing anything back (we drain too).
+type abortRequest struct {
+	reason string
+	alone  bool
+}
+
+func (a abortRequest) Error() string { return a.reason }
+
+// abandon ends the probation now, rolling the canary back for reason.
+func (tr *trial) abandon(reason string, alone bool) {
+	select {
+	case tr.abort <- abortRequest{reason, alone}:
+	default: // one is enough
+	}
+}
+
+// sleep waits d; it returns errEnded if the attempt ends meanwhile, the
+// abortRequest if the probation is abandoned.
+func (tr *trial) sleep(d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
-		return true
+		return nil
 	case <-tr.ended:
-		return false
+		return errEnded
+	case a := <-tr.abort:
+		return a
 	}
 }
 
@@ -505,11 +586,7 @@ func (tr *trial) ask() (ProbationStats, error) {
 	case <-tr.report: // a late answer to an earlier question
 	default:
 	}
-	p := tr.p
-	p.toSuccessor.setDeadline(time.Now().Add(reportTimeout))
-	err := p.toSuccessor.sendControl(reportRequest)
-	p.toSuccessor.setDeadline(time.Time{})
-	if err != nil {
+	if err := tr.p.toSuccessor.sendControl(reportRequest, reportTimeout); err != nil {
 		return ProbationStats{}, err
 	}
 	t := time.NewTimer(reportTimeout)
@@ -521,6 +598,8 @@ func (tr *trial) ask() (ProbationStats, error) {
 		return ProbationStats{}, errors.New("no report within " + reportTimeout.String())
 	case <-tr.ended:
 		return ProbationStats{}, errEnded
+	case a := <-tr.abort:
+		return ProbationStats{}, a
 	}
 }
 
@@ -531,6 +610,7 @@ func (tr *trial) end(err error) error {
 	<-tr.done
 	p := tr.p
 	p.trial.CompareAndSwap(tr, nil)
+	p.toSuccessor.setPatience(0) // a hand-over waits for the successor until the drain's deadline
 	if tr.div != nil {
 		tr.div.wg.Wait()
 	}
@@ -538,7 +618,7 @@ func (tr *trial) end(err error) error {
 		return nil // the drain passes every idle connection on from now
 	}
 	p.endDivert()
-	if tr.verdict != "" {
+	if tr.verdict != "" && !tr.killed {
 		// Its connections come back before its last message.
 		t := time.NewTimer(reportTimeout)
 		select {
@@ -670,32 +750,40 @@ func newCanary() *canary {
 
 // serveProbation runs a canary's probation: it serves what the old process
 // hands it until promoted (true) or rolled back, told to stop or left
-// without a server (false, and why).
-func (p *Process) serveProbation(ctx context.Context, drainSig <-chan os.Signal) (bool, string) {
+// without a server (false, and why). alone: drain without handing back (the
+// old process drains too).
+func (p *Process) serveProbation(ctx context.Context, drainSig <-chan os.Signal) (promoted bool, why string, alone bool) {
 	c := p.canary
 	p.life.enter(PhaseProbation)
 	p.log.Info("on probation: serving the connections the previous process hands over")
-	if err := p.fromParent.sendControl(candidateMessage + " " + strconv.Itoa(os.Getpid())); err != nil {
-		return false, "cannot tell the previous process the checks passed: " + err.Error()
+	if err := p.fromParent.sendControl(candidateMessage+" "+strconv.Itoa(os.Getpid()), reportTimeout); err != nil {
+		return false, "cannot tell the previous process the checks passed: " + err.Error(), false
 	}
 	select {
 	case <-c.promote:
-		return true, ""
+		return true, "", false
 	case t := <-c.revert:
 		p.mu.Lock()
 		p.drainBy = t.Deadline
 		p.mu.Unlock()
-		return false, "by the previous process: " + t.Reason
+		return false, "by the previous process: " + t.Reason, t.Alone
 	case sig := <-drainSig:
-		return false, "on signal " + sig.String()
+		why = "on signal " + sig.String()
 	case <-ctx.Done():
-		return false, "as its context ended"
+		why = "as its context ended"
 	case <-p.group.exited:
-		return false, "as a server stopped"
+		why = "as a server stopped"
 	case <-p.fromParent.ended():
 		// The old process is gone: this one is all there is.
-		return true, ""
+		return true, "", false
 	}
+	// Leaving on our own: the old process ends the window, and its revert
+	// says it sends us nothing more.
+	if err := p.fromParent.sendControl(leavingMessage+" ("+why+")", reportTimeout); err != nil {
+		p.log.Warn("probation: cannot tell the previous process we stop", "err", err)
+		p.parentDelivered()
+	}
+	return false, why, false
 }
 
 // canaryControl acts on the old process's probation messages.
@@ -707,11 +795,13 @@ func (p *Process) canaryControl(kind, body string) {
 	switch kind {
 	case reportRequest:
 		st := p.stats.snapshot().since(statsSnapshot{})
-		if err := joinFailures(p.health.runChecks(context.Background(), false)); err != nil {
+		if ph := p.life.get(); ph != PhaseProbation {
+			st.Checks = "no longer on probation: " + ph.String()
+		} else if err := joinFailures(p.health.runChecks(context.Background(), false)); err != nil {
 			st.Checks = err.Error()
 		}
 		b, _ := json.Marshal(st)
-		if err := p.fromParent.sendControl(reportMessage + " " + string(b)); err != nil {
+		if err := p.fromParent.sendControl(reportMessage+" "+string(b), reportTimeout); err != nil {
 			p.log.Warn("probation: cannot report to the previous process", "err", err)
 		}
 	case promoteMessage:
@@ -761,6 +851,8 @@ func (p *Process) trialControl(kind, body string) {
 		case tr.back <- struct{}{}:
 		default:
 		}
+	case leavingMessage:
+		tr.abandon("the new process is stopping "+body, false)
 	}
 }
 

@@ -90,10 +90,11 @@ func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 		next.ServeHTTP(w, r)
 	})
 	p.addListener(ln, s.ln)
-	if !s.tls || p.canary != nil {
+	if !s.tls || p.canary != nil || p.takesBack() {
 		// Connections the parent hands over (or a canary hands back) are
-		// served as if accepted here. Under TLS only a canary gets any:
-		// new connections, before their handshake.
+		// served as if accepted here. Under TLS only new connections come
+		// (before their handshake): to a canary, or back from one that
+		// never read them.
 		s.inbox, s.inboxLn = p.registerInbox(ln, t)
 	}
 	p.Add(s.run, s.stop)
@@ -181,9 +182,9 @@ func (s *httpServer) stop(ctx context.Context) error {
 		s.t.setSend(func(c net.Conn) error { return to.send(key, c) })
 		defer func() {
 			if kept := s.t.kept.Load(); kept > 0 {
-				log.Warn("idle connections not handed to the new process: closed instead", "addr", key, "handed", s.t.handed.Load(), "not_handed", kept)
+				log.Warn("idle connections not handed to the "+s.p.otherProcess()+": closed instead", "addr", key, "handed", s.t.handed.Load(), "not_handed", kept)
 			} else {
-				log.Info("idle connections handed to the new process", "addr", key, "handed", s.t.handed.Load())
+				log.Info("idle connections handed to the "+s.p.otherProcess(), "addr", key, "handed", s.t.handed.Load())
 			}
 		}()
 	}

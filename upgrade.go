@@ -149,12 +149,20 @@ func (p *Process) logUpgradeFailure(err error) {
 	}
 }
 
+// otherProcess names, for the log, where the drain passes connections.
+func (p *Process) otherProcess() string {
+	if p.life.get() == PhaseHandingBack {
+		return "previous process"
+	}
+	return "new process"
+}
+
 // handOffTarget returns where the drain passes idle connections: the
 // successor, or (a canary rolled back) the previous process; nil when they
 // are closed instead.
 func (p *Process) handOffTarget() *handoff {
 	switch ph := p.life.get(); {
-	case p.opts.NoHandOff && p.canary == nil:
+	case p.opts.NoHandOff && ph != PhaseHandingBack:
 		return nil
 	case ph == PhaseHandingOver && p.toSuccessor != nil:
 		return p.toSuccessor

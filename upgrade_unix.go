@@ -133,7 +133,7 @@ func (p *Process) openHandoffs() error {
 			p.canary = newCanary() // the parent judges us before we take over
 		}
 	}
-	if err := p.fromParent.sendControl(helloMessage + " " + strconv.Itoa(os.Getpid())); err != nil {
+	if err := p.fromParent.sendControl(helloMessage+" "+strconv.Itoa(os.Getpid()), time.Second); err != nil {
 		p.log.Warn("cannot tell the previous process our PID", "err", err)
 	}
 	return nil
@@ -216,16 +216,14 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 		}
 		p.reclaim()
 		p.lastHello.Store(0)
-		p.toSuccessor.setDeadline(time.Now().Add(time.Second))
-		if err := p.toSuccessor.sendControl(stateMessage + " " + string(state)); err != nil {
+		if err := p.toSuccessor.sendControl(stateMessage+" "+string(state), time.Second); err != nil {
 			p.log.Warn("cannot pass the upgrade record to the new process", "err", err)
 		}
 		if judged {
-			if err := p.toSuccessor.sendControl(probationMessage); err != nil {
+			if err := p.toSuccessor.sendControl(probationMessage, time.Second); err != nil {
 				p.log.Warn("cannot put the new process on probation", "err", err)
 			}
 		}
-		p.toSuccessor.setDeadline(time.Time{})
 	}
 	defer func() {
 		if loop {

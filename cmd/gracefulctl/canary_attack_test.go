@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,10 +19,12 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/control"
 	"github.com/graceful-go/graceful/internal/loadtest"
 )
 
-// TestCanaryStalled: a canary that stops reading (SIGSTOP: a long GC
+// TestStalledCanaryNoHang: a canary that stops reading (SIGSTOP: a long GC
 // pause, a frozen VM, a deadlocked receive loop) while the old process
 // diverts new connections to it. The old process must give up on it by
 // UpgradeTimeout and serve the connections it had sent and the canary never
@@ -29,7 +32,7 @@ import (
 // to a channel nobody reads (the old process keeps the canary's end open in
 // p.plat.peer, so a full socket buffer never empties, even once tableflip
 // has killed the canary).
-func TestCanaryStalled(t *testing.T) {
+func TestStalledCanaryNoHang(t *testing.T) {
 	const upgradeTimeout = 8 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -61,30 +64,16 @@ func TestCanaryStalled(t *testing.T) {
 	old := srv.PID()
 
 	var out bytes.Buffer
+	began := time.Now()
 	upgrade := exec.CommandContext(ctx, ctl, "-socket", sock, "upgrade")
 	upgrade.Stdout, upgrade.Stderr = &out, &out
 	require.NoError(t, upgrade.Start())
 	done := make(chan error, 1)
 	go func() { done <- upgrade.Wait() }()
 
-	// The window is open: the old process logs it once the canary said its
-	// checks passed.
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		b, _ := os.ReadFile(logPath)
-		if bytes.Contains(b, []byte("probation: the new process serves its share")) {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("no probation window")
-		case <-tick.C:
-		}
-	}
-	kids := loadtest.Children(old)
-	require.Len(t, kids, 1)
-	canary = kids[0]
+	// The window is open once the old process names the canary in its
+	// status (the canary said its checks passed).
+	canary = waitCanary(t, ctx, sock)
 	require.NoError(t, syscall.Kill(canary, syscall.SIGSTOP))
 
 	// Every new connection goes to the canary (share 1): enough of them to
@@ -110,7 +99,8 @@ func TestCanaryStalled(t *testing.T) {
 	case err := <-done:
 		var ee *exec.ExitError
 		require.True(t, errors.As(err, &ee), "upgrade: %v: %s", err, out.String())
-		assert.Contains(t, out.String(), "rolled back", out.String())
+		assert.Regexp(t, `rolled back after [\d.]+s: it did not report its figures`, out.String())
+		assert.Less(t, time.Since(began), upgradeTimeout, "given up on at the verdict, not at UpgradeTimeout")
 	case <-time.After(upgradeTimeout + 15*time.Second):
 		t.Fatalf("the upgrade did not end %v after tableflip gave up on the stalled canary; gracefulctl said so far: %q", 15*time.Second, out.String())
 	}
@@ -131,4 +121,106 @@ func TestCanaryStalled(t *testing.T) {
 		}
 	}
 	assert.Equal(t, n, served, "clients not served: %v", failed)
+	assert.Equal(t, old, srv.PID())
+	assert.Equal(t, old, loadtest.ReadPIDFile(srv.PIDFile))
+}
+
+// TestCanaryLeaves: a canary told to stop during its probation (SIGTERM)
+// says so; the old process ends the window at once, takes back what the
+// canary held, and the upgrade fails naming why. The clients see nothing.
+// And the old process told to stop during a probation does not wait for
+// the verdict: the canary drains with it, and both exit.
+func TestCanaryLeaves(t *testing.T) {
+	const window = 10 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	ctl, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/cmd/gracefulctl", false)
+	require.NoError(t, err)
+	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
+	require.NoError(t, err)
+	start := func(t *testing.T) (*loadtest.Server, string) {
+		sdir := t.TempDir()
+		sock := filepath.Join(sdir, "control.sock")
+		logs, err := os.Create(filepath.Join(sdir, "server.log"))
+		require.NoError(t, err)
+		srv, err := loadtest.Start(ctx, loadtest.Config{Bin: bin, Dir: sdir, Logs: logs, Args: []string{
+			"-control", sock, "-upgrade-timeout", "30s", "-probation", window.String(), "-canary-share", "0.5",
+		}})
+		require.NoError(t, err)
+		t.Cleanup(func() {
+			srv.Kill()
+			logs.Close()
+			if t.Failed() {
+				b, _ := os.ReadFile(logs.Name())
+				t.Logf("server logs:\n%s", b)
+			}
+		})
+		return srv, sock
+	}
+	upgrade := func(sock string) (<-chan string, time.Time) {
+		res := make(chan string, 1)
+		began := time.Now()
+		go func() {
+			out, _ := exec.CommandContext(ctx, ctl, "-socket", sock, "upgrade").CombinedOutput()
+			res <- string(out)
+		}()
+		return res, began
+	}
+
+	t.Run("canary stopped", func(t *testing.T) {
+		srv, sock := start(t)
+		old := srv.PID()
+		load := loadtest.StartLoad(srv.Addr, loadtest.Mix{KeepAliveGET: 8, FreshGET: 4})
+		res, began := upgrade(sock)
+		canary := waitCanary(t, ctx, sock)
+		time.Sleep(500 * time.Millisecond) // it serves its share
+		require.NoError(t, syscall.Kill(canary, syscall.SIGTERM))
+		out := <-res
+		took := time.Since(began)
+		st := load.Stop()
+		assert.Contains(t, out, "rolled back after")
+		assert.Contains(t, out, "the new process is stopping (on signal terminated)")
+		assert.Less(t, took, window, "the window ended when the canary left")
+		assert.Equal(t, old, srv.PID())
+		assert.Zero(t, st.Failed(), "%v %v", st.Failures, st.Samples)
+		assert.Positive(t, st.PIDs[strconv.Itoa(canary)], "the canary served before it left")
+	})
+
+	t.Run("old process stopped", func(t *testing.T) {
+		srv, sock := start(t)
+		res, began := upgrade(sock)
+		canary := waitCanary(t, ctx, sock)
+		require.NoError(t, srv.Signal(syscall.SIGTERM))
+		code, err := srv.WaitExit(ctx, srv.PID())
+		require.NoError(t, err)
+		assert.Equal(t, 0, code)
+		assert.Less(t, time.Since(began), window, "no wait for the verdict")
+		assert.Contains(t, <-res, "rolled back after")
+		// The canary drained too, on its own: not killed.
+		for i := 0; i < 1000 && loadtest.Alive(canary); i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+		assert.False(t, loadtest.Alive(canary), "the canary exited")
+	})
+}
+
+// waitCanary waits until the server at sock has a new process on
+// probation, and returns its PID.
+func waitCanary(t *testing.T, ctx context.Context, sock string) int {
+	t.Helper()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if st, err := control.Details(ctx, sock); err == nil && len(st.Upgrades) > 0 {
+			if u := st.Upgrades[len(st.Upgrades)-1]; u.Outcome == graceful.OutcomeInProgress && u.NewPID != 0 {
+				return u.NewPID
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("no probation window")
+		case <-tick.C:
+		}
+	}
 }

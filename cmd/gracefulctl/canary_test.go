@@ -14,6 +14,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/graceful-go/graceful"
+	"github.com/graceful-go/graceful/control"
 	"github.com/graceful-go/graceful/internal/loadtest"
 )
 
@@ -46,12 +48,12 @@ func TestCanary(t *testing.T) {
 
 	const share, window = 0.25, 2 * time.Second
 	// start runs v1 from a path of its own, which deploys replace.
-	start := func(t *testing.T, args ...string) (srv *loadtest.Server, deploy func(bin string) (string, int), live string) {
+	start := func(t *testing.T, args ...string) (srv *loadtest.Server, deploy func(bin string) (string, int), live, sock string) {
 		sdir := t.TempDir()
 		live = filepath.Join(sdir, "bin", "httpserver")
 		require.NoError(t, os.MkdirAll(filepath.Dir(live), 0o755))
 		require.NoError(t, os.WriteFile(live, content(v1), 0o755))
-		sock := filepath.Join(sdir, "control.sock")
+		sock = filepath.Join(sdir, "control.sock")
 		logs, err := os.Create(filepath.Join(sdir, "server.log"))
 		require.NoError(t, err)
 		args = append([]string{"-control", sock, "-upgrade-timeout", "30s", "-probation", window.String(), "-canary-share", fmt.Sprint(share)}, args...)
@@ -74,7 +76,7 @@ func TestCanary(t *testing.T) {
 			require.NoError(t, err)
 			return string(out), 0
 		}
-		return srv, deploy, live
+		return srv, deploy, live, sock
 	}
 	mix := loadtest.Mix{KeepAliveGET: 16, FreshGET: 4}
 	// during runs deploy under load and returns what the clients saw, and
@@ -95,7 +97,7 @@ func TestCanary(t *testing.T) {
 	}
 
 	t.Run("latency judged", func(t *testing.T) {
-		srv, deploy, live := start(t, "-probation-latency-ratio", "3")
+		srv, deploy, live, sock := start(t, "-probation-latency-ratio", "3")
 		old := srv.PID()
 
 		t.Run("failing build rolled back", func(t *testing.T) {
@@ -111,6 +113,16 @@ func TestCanary(t *testing.T) {
 			assert.Equal(t, fails, st.Failed(), "the only errors are the canary's 500s: %v %v", st.Failures, st.Samples)
 			assert.Positive(t, fails, "the canary served its share")
 			assert.LessOrEqual(t, float64(fails), 2*share*0.3*float64(n), "bounded by share × rate × requests (%d in the window)", n)
+
+			st2, err := control.Details(ctx, sock)
+			require.NoError(t, err)
+			require.NotEmpty(t, st2.Upgrades)
+			last := st2.Upgrades[len(st2.Upgrades)-1]
+			assert.Equal(t, graceful.OutcomeRolledBack, last.Outcome)
+			assert.Contains(t, last.Err, "rolled back after 2s: 5xx")
+			assert.Equal(t, 1, st2.Totals.RolledBack)
+			assert.Zero(t, st2.Totals.Failed)
+			assert.Equal(t, graceful.PhaseServing, st2.Phase)
 		})
 
 		t.Run("panicking build rolled back", func(t *testing.T) {
@@ -171,7 +183,7 @@ func TestCanary(t *testing.T) {
 
 	t.Run("latency not judged", func(t *testing.T) {
 		const upgradeTimeout = 8 * time.Second
-		srv, deploy, _ := start(t, "-upgrade-timeout", upgradeTimeout.String())
+		srv, deploy, _, _ := start(t, "-upgrade-timeout", upgradeTimeout.String())
 		old := srv.PID()
 		out, code, st, _ := during(srv, deploy, slow)
 		require.Equal(t, 0, code, out)
