@@ -293,15 +293,27 @@ func receiveQueued(f *os.File, deliver func(key string, c net.Conn)) int {
 		flags    int
 	}
 	var queued []message
+	// No fork between receiving descriptors and marking them close-on-exec
+	// (MSG_CMSG_CLOEXEC is Linux's alone).
+	syscall.ForkLock.RLock()
 	raw.Control(func(fd uintptr) {
 		for {
-			n, oobn, flags, _, err := unix.Recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			n, oobn, flags, _, err := unix.Recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT)
 			if err != nil || n == 0 && oobn == 0 {
 				return
+			}
+			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, m := range msgs {
+					fds, _ := unix.ParseUnixRights(&m)
+					for _, fd := range fds {
+						unix.CloseOnExec(fd)
+					}
+				}
 			}
 			queued = append(queued, message{append([]byte(nil), buf[:n]...), append([]byte(nil), oob[:oobn]...), flags})
 		}
 	})
+	syscall.ForkLock.RUnlock()
 	total := 0
 	for _, m := range queued {
 		if len(m.oob) == 0 {
