@@ -268,6 +268,7 @@ type handedState struct {
 	Generation int             `json:"generation"`
 	Upgrades   []UpgradeRecord `json:"upgrades"`
 	Totals     Totals          `json:"totals"`
+	Tickets    *ticketState    `json:"tickets,omitempty"` // TLS session ticket keys (tickets.go)
 }
 
 // drainReport is what a process that handed over tells its successor once
@@ -294,7 +295,7 @@ func (p *Process) beginAttempt(start time.Time) []byte {
 	r := p.record
 	r.mu.Lock()
 	r.attempt = r.appendLocked(UpgradeRecord{Started: start, Outcome: OutcomeInProgress, OldPID: os.Getpid(), Generation: r.status.Generation + 1})
-	st := handedState{Generation: r.status.Generation + 1, Upgrades: r.status.Upgrades, Totals: r.status.Totals}
+	st := handedState{Generation: r.status.Generation + 1, Upgrades: r.status.Upgrades, Totals: r.status.Totals, Tickets: p.tickets.state()}
 	b, _ := json.Marshal(st)
 	p.emit(Event{Kind: EventUpgradeStarted, Time: start, PID: os.Getpid(), Generation: r.status.Generation, Totals: r.status.Totals})
 	r.mu.Unlock()
@@ -353,6 +354,7 @@ func (p *Process) inherit(body string) {
 		p.log.Warn("upgrade record from the previous process unreadable; starting a new one", "err", err)
 		return
 	}
+	p.tickets.inherit(st.Tickets)
 	r := p.record
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -1,6 +1,7 @@
 package graceful
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -186,6 +187,17 @@ type Options struct {
 	// back, with the error's text as the reason.
 	ProbationJudge func(canary, stable ProbationStats) error
 
+	// TicketKeyRotation is how often the TLS session ticket key of the
+	// servers [Process.Serve] runs with a TLSConfig rotates. graceful keeps
+	// these keys (the last 24 decrypt) and passes them to each new process
+	// with the upgrade, so that a client resumes its TLS session across
+	// upgrades instead of paying a full handshake. Zero means
+	// [DefaultTicketKeyRotation]; negative leaves the keys to crypto/tls
+	// (each process makes its own: no session survives an upgrade). A
+	// TLSConfig with SessionTicketsDisabled, WrapSession or UnwrapSession
+	// set is left alone.
+	TicketKeyRotation time.Duration
+
 	// DrainSignals make [Process.Run] drain and return. One that arrives
 	// while an upgrade attempt runs waits for its outcome (a second one
 	// cancels the attempt); if the new process became ready, it is asked to
@@ -234,6 +246,8 @@ type Process struct {
 	goodbyed atomic.Int64 // goodbyes said
 
 	drainInFlight atomic.Int64 // requests in flight as the drain began
+
+	tickets *ticketKeys // nil with a negative TicketKeyRotation (tickets.go)
 
 	// Probation (probation.go).
 	stats     *requestStats         // nil unless a probation may judge this process
@@ -334,6 +348,9 @@ func New(opts Options) (*Process, error) {
 	}
 	if opts.OnEvent != nil {
 		p.events = newEventQueue(opts.OnEvent)
+	}
+	if opts.TicketKeyRotation >= 0 {
+		p.tickets = newTicketKeys(cmp.Or(opts.TicketKeyRotation, DefaultTicketKeyRotation))
 	}
 	p.parentDelivered = sync.OnceFunc(p.inboxes.finish)
 	p.health = newHealth(p.life, opts.CheckTimeout, opts.CheckCache)

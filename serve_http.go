@@ -43,6 +43,7 @@ import (
 func (p *Process) Serve(srv *http.Server, ln net.Listener) {
 	t := newTracker(ln.Addr().String())
 	p.addTracker(t)
+	p.tickets.install(srv.TLSConfig) // sessions resume across upgrades
 	s := &httpServer{p: p, srv: srv, ln: &trackedListener{Listener: ln, t: t}, t: t, tls: srv.TLSConfig != nil}
 	s.goaway, s.goawaySent = context.WithCancel(context.Background())
 	// HTTP/2 connections get GOAWAY from Shutdown; streams on them are told

@@ -25,7 +25,9 @@
 // DURATION and -canary-share FRACTION (each new version serves that share
 // of the connections for that long and is promoted or rolled back on what
 // it served; a rolled-back one exits 1), -probation-latency-ratio R (also
-// roll back a new version whose p99 is more than R times the old one's).
+// roll back a new version whose p99 is more than R times the old one's),
+// -ticket-keys=false (each process makes its own TLS session ticket keys:
+// no client resumes its session across an upgrade).
 //
 // Build-time variables (go build -ldflags "-X main.version=v2 -X
 // main.failRate=0.3 -X main.panicAfter=2s -X main.extraLatency=50ms"), so
@@ -107,6 +109,7 @@ type config struct {
 	metrics                bool
 	probation              time.Duration
 	canaryShare, p99Ratio  float64
+	ticketKeys             bool
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -126,6 +129,7 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.DurationVar(&c.probation, "probation", 0, "put each new version on probation this long, serving -canary-share of the connections, before it takes over (0: none)")
 	fs.Float64Var(&c.canaryShare, "canary-share", 0, "the fraction of connections a new version on probation serves (0: graceful.DefaultCanaryShare)")
 	fs.Float64Var(&c.p99Ratio, "probation-latency-ratio", 0, "also roll a new version back when its p99 latency exceeds the old one's this many times (0: off)")
+	fs.BoolVar(&c.ticketKeys, "ticket-keys", true, "with -tls-self-signed, pass the TLS session ticket keys to each new process, so that clients resume their sessions across upgrades")
 	fs.BoolVar(&c.metrics, "metrics", true, "export Prometheus metrics at GET /metrics (the events hook is set)")
 	return c
 }
@@ -154,6 +158,9 @@ func main() {
 		Probation:             c.probation,
 		CanaryShare:           c.canaryShare,
 		ProbationLatencyRatio: c.p99Ratio,
+	}
+	if !c.ticketKeys {
+		opts.TicketKeyRotation = -1 // each process makes its own keys
 	}
 	if err := run(opts, c); err != nil {
 		log.Error("exiting", "err", err)
