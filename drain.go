@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"reflect"
-	"slices"
 	"time"
 )
 
@@ -145,11 +144,8 @@ func (p *Process) reportDrain(start time.Time, upgraded bool) {
 // once) and those being handled (ServeConns). It reads the connection states the
 // trackers keep anyway, so that serving costs nothing more with events.
 func (p *Process) inFlight() int {
-	p.mu.Lock()
-	trackers := slices.Clone(p.trackers)
-	p.mu.Unlock()
 	n := 0
-	for _, t := range trackers {
+	for _, t := range p.trackerList() {
 		t.mu.Lock()
 		for c := range t.conns {
 			if t.raw || c.http == http.StateActive || c.http == http.StateHijacked {

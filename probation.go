@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -643,10 +644,7 @@ func (tr *trial) end(err error) error {
 // ones, each chosen or not as it next goes idle (a stream that never does
 // takes no share).
 func (p *Process) startDivert(d *diverter) {
-	p.mu.Lock()
-	trackers := append([]*tracker(nil), p.trackers...)
-	p.mu.Unlock()
-	for _, t := range trackers {
+	for _, t := range p.trackerList() {
 		if t.raw {
 			continue
 		}
@@ -667,10 +665,7 @@ func (p *Process) startDivert(d *diverter) {
 // stopDivert ends the split: new connections stay here, and no more open
 // ones are claimed (those claimed already are sent).
 func (p *Process) stopDivert() {
-	p.mu.Lock()
-	trackers := append([]*tracker(nil), p.trackers...)
-	p.mu.Unlock()
-	for _, t := range trackers {
+	for _, t := range p.trackerList() {
 		t.mu.Lock()
 		t.divert.Store(nil)
 		for c := range t.conns {
@@ -683,10 +678,7 @@ func (p *Process) stopDivert() {
 // endDivert ends a probation that did not promote: no connection is
 // claimed for a new process any more.
 func (p *Process) endDivert() {
-	p.mu.Lock()
-	trackers := append([]*tracker(nil), p.trackers...)
-	p.mu.Unlock()
-	for _, t := range trackers {
+	for _, t := range p.trackerList() {
 		t.mu.Lock()
 		if t.selective.Load() {
 			t.setSend(nil)
@@ -700,10 +692,7 @@ func (p *Process) endDivert() {
 // is still on its way.
 func (p *Process) awaitClaims(d time.Duration) {
 	deadline := time.Now().Add(d)
-	p.mu.Lock()
-	trackers := append([]*tracker(nil), p.trackers...)
-	p.mu.Unlock()
-	for _, t := range trackers {
+	for _, t := range p.trackerList() {
 		for {
 			t.mu.Lock()
 			pending := false
@@ -727,6 +716,13 @@ func (p *Process) awaitClaims(d time.Duration) {
 			timer.Stop()
 		}
 	}
+}
+
+// trackerList returns the served listeners' trackers.
+func (p *Process) trackerList() []*tracker {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.trackers)
 }
 
 // takesBack reports whether connections can come back from a new process:

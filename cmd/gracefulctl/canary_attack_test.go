@@ -36,11 +36,7 @@ func TestStalledCanaryNoHang(t *testing.T) {
 	const upgradeTimeout = 8 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	ctl, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/cmd/gracefulctl", false)
-	require.NoError(t, err)
-	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
-	require.NoError(t, err)
+	dir, ctl, bin := buildTools(t, ctx)
 	sock := filepath.Join(dir, "control.sock")
 	logPath := filepath.Join(dir, "server.log")
 	logs, err := os.Create(logPath)
@@ -134,11 +130,7 @@ func TestCanaryLeaves(t *testing.T) {
 	const window = 10 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	ctl, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/cmd/gracefulctl", false)
-	require.NoError(t, err)
-	bin, err := loadtest.Build(ctx, dir, "github.com/graceful-go/graceful/examples/httpserver", false)
-	require.NoError(t, err)
+	_, ctl, bin := buildTools(t, ctx)
 	start := func(t *testing.T) (*loadtest.Server, string) {
 		sdir := t.TempDir()
 		sock := filepath.Join(sdir, "control.sock")
