@@ -373,7 +373,9 @@ func (l *trackedListener) Accept() (net.Conn, error) {
 		tc := l.t.add(c)
 		if d != nil {
 			l.t.mu.Lock()
-			tc.chosen = true // chosen to stay, as it was accepted
+			if l.t.divert.Load() == d {
+				tc.chosen = true // chosen to stay, as it was accepted
+			}
 			l.t.mu.Unlock()
 		}
 		return tc, nil

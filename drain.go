@@ -72,8 +72,9 @@ func (p *Process) drain(reason string) error {
 		p.emit(Event{Kind: EventDrainStarted, Time: start, PID: st.PID, Generation: st.Generation, Reason: reason, Drain: DrainStats{InFlight: int(p.drainInFlight.Load())}, Totals: st.Totals})
 	}
 	// A canary rolled back never declared itself ready: the service, its
-	// sockets and its PID file are the old process's, which serves on.
-	ready := isClosed(p.life.ready) && p.life.get() != PhaseHandingBack
+	// sockets and its PID file are the old process's, which serves on (or
+	// drains itself).
+	ready := isClosed(p.life.ready) && (p.canary == nil || isClosed(p.canary.open))
 	if !upgraded && ready {
 		p.notify("STOPPING=1", status("draining (pid %d)", os.Getpid()), extendTimeout(p.opts.DrainTimeout+drainMargin))
 	}
@@ -81,7 +82,7 @@ func (p *Process) drain(reason string) error {
 	// no successor, removes the Unix socket files. Not in a new process that
 	// never became ready: the sockets are its parent's, which serves on.
 	if ready || !p.hasParent() {
-		if tr := p.trial.Load(); tr != nil {
+		if tr := p.trial.Load(); tr != nil && tr.serving.Load() {
 			// A canary on probation serves clients: it drains, on its own,
 			// before an upgrade still in progress is cancelled.
 			tr.abandon("the old process is draining", true)

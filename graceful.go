@@ -193,9 +193,11 @@ type Options struct {
 	// with the upgrade, so that a client resumes its TLS session across
 	// upgrades instead of paying a full handshake. Zero means
 	// [DefaultTicketKeyRotation]; negative leaves the keys to crypto/tls
-	// (each process makes its own: no session survives an upgrade). A
-	// TLSConfig with SessionTicketsDisabled, WrapSession or UnwrapSession
-	// set is left alone.
+	// (each process makes its own: no session survives an upgrade); it must
+	// be a second or more. A TLSConfig with SessionTicketsDisabled,
+	// SessionTicketKey, WrapSession or UnwrapSession set is left alone; keys
+	// set with its SetSessionTicketKeys cannot be seen, so a user who shares
+	// keys that way sets this negative.
 	TicketKeyRotation time.Duration
 
 	// DrainSignals make [Process.Run] drain and return. One that arrives
@@ -291,6 +293,9 @@ func New(opts Options) (*Process, error) {
 	}
 	if err := opts.checkProbation(); err != nil {
 		return nil, err
+	}
+	if opts.TicketKeyRotation > 0 && opts.TicketKeyRotation < time.Second {
+		return nil, fmt.Errorf("graceful: TicketKeyRotation %v is under a second", opts.TicketKeyRotation)
 	}
 	if opts.GoodbyeSpread >= opts.DrainTimeout {
 		return nil, fmt.Errorf("graceful: GoodbyeSpread (%v) must be shorter than DrainTimeout (%v)", opts.GoodbyeSpread, opts.DrainTimeout)

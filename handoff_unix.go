@@ -31,9 +31,14 @@ type handoff struct {
 
 	// wmu serialises writes, each under its own write deadline: the
 	// earlier of deadline (setDeadline: every send from now on) and, if
-	// patience is set, that long from the write's start.
+	// patience is set, that long from the write's start. dmu guards the
+	// deadlines and is never held across a write, so that setDeadline
+	// never waits behind a blocked one.
 	wmu      sync.Mutex
-	deadline time.Time // guarded by wmu
+	dmu      sync.Mutex
+	deadline time.Time // guarded by dmu
+	writing  bool      // a write is in flight (guarded by dmu)
+	inFlight time.Time // its deadline (guarded by dmu)
 	patience atomic.Int64
 
 	// onControl, if set before receive, is called with each control
@@ -188,23 +193,29 @@ func (h *handoff) sendBatch(batch []*outgoing) error {
 		keys = append(keys, o.entry...)
 		fds[i] = o.fd
 	}
-	h.wmu.Lock()
-	defer h.wmu.Unlock()
-	h.conn.SetWriteDeadline(h.writeDeadlineLocked(time.Duration(h.patience.Load())))
-	_, _, err := h.conn.WriteMsgUnix(keys, unix.UnixRights(fds...), nil)
-	return err
+	return h.write(keys, unix.UnixRights(fds...), time.Duration(h.patience.Load()))
 }
 
-// writeDeadlineLocked returns the deadline of a write that starts now and
-// may take at most within (0: no bound but deadline's).
-func (h *handoff) writeDeadlineLocked(within time.Duration) time.Time {
+// write writes one message, waiting at most within for room (0: until the
+// deadline, if any), after the writes before it.
+func (h *handoff) write(msg, oob []byte, within time.Duration) error {
+	h.wmu.Lock()
+	defer h.wmu.Unlock()
+	h.dmu.Lock()
 	d := h.deadline
 	if within > 0 {
 		if w := time.Now().Add(within); d.IsZero() || w.Before(d) {
 			d = w
 		}
 	}
-	return d
+	h.writing, h.inFlight = true, d
+	h.conn.SetWriteDeadline(d)
+	h.dmu.Unlock()
+	_, _, err := h.conn.WriteMsgUnix(msg, oob, nil)
+	h.dmu.Lock()
+	h.writing = false
+	h.dmu.Unlock()
+	return err
 }
 
 // receive starts delivering the connections the other end sends, until it
@@ -455,16 +466,13 @@ func (h *handoff) wait() {
 func (h *handoff) requestDrain() error { return h.sendControl(drainRequest, time.Second) }
 
 // sendControl sends a control message (no descriptor; see events.go),
-// waiting at most within for room (0: until the deadline, if any).
+// after the messages being sent (bounded by their own deadlines), waiting at
+// most within for room (0: until the deadline, if any).
 func (h *handoff) sendControl(msg string, within time.Duration) error {
 	if h == nil {
 		return errNoHandoff
 	}
-	h.wmu.Lock()
-	defer h.wmu.Unlock()
-	h.conn.SetWriteDeadline(h.writeDeadlineLocked(within))
-	_, _, err := h.conn.WriteMsgUnix([]byte(msg), nil, nil)
-	return err
+	return h.write([]byte(msg), nil, within)
 }
 
 // setPatience bounds, when d > 0, how long each send of a connection may
@@ -515,12 +523,13 @@ func (h *handoff) setDeadline(t time.Time) {
 	if h == nil {
 		return
 	}
-	if !t.IsZero() {
-		h.conn.SetWriteDeadline(t) // a send blocked now is bounded too
-	}
-	h.wmu.Lock()
+	h.dmu.Lock()
+	defer h.dmu.Unlock()
 	h.deadline = t
-	h.wmu.Unlock()
+	if h.writing && !t.IsZero() && (h.inFlight.IsZero() || t.Before(h.inFlight)) {
+		h.conn.SetWriteDeadline(t) // the send blocked now is bounded too
+		h.inFlight = t
+	}
 }
 
 // close closes our end; a receive loop ends.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"net"
 	"net/http"
@@ -367,6 +368,7 @@ type diverter struct {
 	sent   atomic.Int64
 	failed atomic.Bool    // a send failed: the canary does not take them; keep the rest here
 	wg     sync.WaitGroup // diverts in flight
+	log    *slog.Logger
 	send   func(key string, c net.Conn) error
 	keep   func(key string, c net.Conn) // serves here a connection that could not be sent
 }
@@ -386,7 +388,9 @@ func (d *diverter) divert(key string, c net.Conn) {
 	go func() {
 		defer d.wg.Done()
 		if err := d.send(key, c); err != nil {
-			d.failed.Store(true)
+			if d.failed.CompareAndSwap(false, true) && d.log != nil {
+				d.log.Warn("probation: the new process did not take a connection; the split stops", "err", err)
+			}
 			d.keep(key, c)
 			return
 		}
@@ -407,11 +411,14 @@ type trial struct {
 	abort     chan abortRequest
 
 	// Set by run before done closes.
-	pid     int
-	began   time.Time // the window's start; zero if the canary never got there
-	judged  time.Time // the verdict
-	killed  bool      // it was killed: it hands nothing back
-	verdict string    // the rollback's reason; "" when promoted or not judged
+	pid    int
+	began  time.Time // the window's start; zero if the canary never got there
+	judged time.Time // the verdict
+	killed bool      // it was killed: it hands nothing back
+	alone  bool      // rolled back to drain on its own: it hands nothing back
+
+	serving atomic.Bool // the window began: the canary serves clients
+	verdict string      // the rollback's reason; "" when promoted or not judged
 	div     *diverter
 }
 
@@ -445,28 +452,36 @@ wait:
 			early = &a // rolled back as soon as its checks pass
 		}
 	}
-	if early != nil {
-		tr.abandon(early.reason, early.alone)
-	}
 	p.attemptPID(tr.pid)
 	tr.began = time.Now()
+	tr.serving.Store(true)
 	// The window may be extended while traffic is too thin to judge, until
 	// latest: half of the time the checks left.
 	latest := tr.deadline().Add(-time.Until(tr.deadline()) / 2)
 	end := earlier(tr.began.Add(p.opts.Probation), latest)
 	base := p.stats.snapshot()
-	tr.div = &diverter{share: p.opts.CanaryShare, send: p.toSuccessor.send, keep: p.inboxes.deliver}
-	p.log.Info("probation: the new process serves its share", "new_pid", tr.pid, "share", p.opts.CanaryShare, "until", end.Format(time.RFC3339))
-	p.notify(status("upgrading: pid %d on probation with %s of the connections", tr.pid, percent(p.opts.CanaryShare)))
-	// A canary that stalls must not hold a client: a connection it does
-	// not take within a second is served here.
-	p.toSuccessor.setPatience(time.Second)
-	p.startDivert(tr.div)
-	defer p.stopDivert()
+	tr.div = &diverter{share: p.opts.CanaryShare, send: p.toSuccessor.send, keep: p.inboxes.deliver, log: p.log}
 	var canary ProbationStats
 	var err error
-	for extended := false; ; extended = true {
+	if early != nil {
+		err = *early // no window: rolled back at once
+	} else {
+		p.log.Info("probation: the new process serves its share", "new_pid", tr.pid, "share", p.opts.CanaryShare, "until", end.Format(time.RFC3339))
+		p.notify(status("upgrading: pid %d on probation with %s of the connections", tr.pid, percent(p.opts.CanaryShare)))
+		// A canary that stalls must not hold a client: a connection it
+		// does not take within a second is served here.
+		p.toSuccessor.setPatience(time.Second)
+		p.startDivert(tr.div)
+		defer p.stopDivert()
+	}
+	for extended := false; err == nil; extended = true {
 		if err = tr.sleep(time.Until(end)); err != nil {
+			break
+		}
+		if tr.div.failed.Load() {
+			// It stalled: the split stopped, it would only be judged on
+			// thin traffic.
+			err = errStalled
 			break
 		}
 		if canary, err = tr.ask(); err != nil || canary.Requests >= p.opts.ProbationMinRequests || !time.Now().Before(latest) {
@@ -481,7 +496,7 @@ wait:
 		return // it died: end names it
 	}
 	var aborted abortRequest
-	if err != nil && !errors.As(err, &aborted) {
+	if err != nil && err != errStalled && !errors.As(err, &aborted) {
 		// It did not report: stalled or broken. What it holds is lost
 		// either way; what it never read is served here at once, not at
 		// UpgradeTimeout.
@@ -495,6 +510,8 @@ wait:
 	switch {
 	case errors.As(err, &aborted):
 		reason, alone = aborted.reason, aborted.alone
+	case err == errStalled:
+		reason = err.Error()
 	case err != nil:
 		reason = "it did not report its figures: " + err.Error()
 	default:
@@ -512,8 +529,12 @@ wait:
 		}
 		return
 	}
-	tr.verdict, tr.judged = reason, time.Now()
-	p.log.Warn("probation failed: rolling the new process back", append(attrs, "reason", reason)...)
+	tr.verdict, tr.judged, tr.alone = reason, time.Now(), alone
+	if errors.As(err, &aborted) {
+		p.log.Warn("probation ended early: rolling the new process back", "new_pid", tr.pid, "reason", reason)
+	} else {
+		p.log.Warn("probation failed: rolling the new process back", append(attrs, "reason", reason)...)
+	}
 	if tr.killed {
 		return
 	}
@@ -547,6 +568,10 @@ func earlier(a, b time.Time) time.Time {
 
 // errEnded: the new process's attempt ended (it died) while waiting.
 var errEnded = errors.New("the attempt ended")
+
+// errStalled is the verdict on a canary that did not take a connection
+// within a second.
+var errStalled = errors.New("it did not take the connections handed to it (one waited over 1s)")
 
 // abortRequest ends a probation early (an error, for run's waits): the new
 // process is leaving (it was told to stop), or this one is. alone: the
@@ -619,7 +644,7 @@ func (tr *trial) end(err error) error {
 		return nil // the drain passes every idle connection on from now
 	}
 	p.endDivert()
-	if tr.verdict != "" && !tr.killed {
+	if tr.verdict != "" && !tr.killed && !tr.alone {
 		// Its connections come back before its last message.
 		t := time.NewTimer(reportTimeout)
 		select {

@@ -33,6 +33,10 @@ type ticketKeys struct {
 	keys [][32]byte
 	made time.Time // keys[0]'s birth
 
+	// due is when keys[0] must be replaced (UnixNano), read without mu on
+	// every handshake.
+	due atomic.Int64
+
 	// cfg holds the keys as crypto/tls uses them; servers encrypt and
 	// decrypt their tickets through it (see install).
 	cfg atomic.Pointer[tls.Config]
@@ -87,19 +91,13 @@ func (k *ticketKeys) state() *ticketState {
 
 // current returns the config holding the keys, rotated if due.
 func (k *ticketKeys) current() *tls.Config {
-	if cfg := k.cfg.Load(); cfg != nil && time.Since(k.madeAt()) < k.every {
+	if cfg := k.cfg.Load(); cfg != nil && time.Now().UnixNano() < k.due.Load() {
 		return cfg
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.rotateLocked(time.Now())
 	return k.cfg.Load()
-}
-
-func (k *ticketKeys) madeAt() time.Time {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return k.made
 }
 
 // rotateLocked makes a new current key when there is none or the current
@@ -119,13 +117,21 @@ func (k *ticketKeys) publishLocked() {
 	cfg := &tls.Config{}
 	cfg.SetSessionTicketKeys(k.keys)
 	k.cfg.Store(cfg)
+	due := k.made.Add(k.every)
+	if k.made.After(time.Now()) {
+		due = time.Now() // a clock gone back: rotate at the next handshake
+	}
+	k.due.Store(due.UnixNano())
 }
 
 // install makes cfg's server encrypt and decrypt its session tickets with
-// these keys. It leaves alone a config whose tickets are disabled or whose
-// WrapSession or UnwrapSession the user set.
+// these keys. It leaves alone a config whose tickets are disabled, or whose
+// SessionTicketKey, WrapSession or UnwrapSession the user set. (Keys set
+// with SetSessionTicketKeys cannot be seen: a user who shares keys across
+// machines that way sets Options.TicketKeyRotation negative. A config that
+// GetConfigForClient returns uses its own keys.)
 func (k *ticketKeys) install(cfg *tls.Config) {
-	if k == nil || cfg == nil || cfg.SessionTicketsDisabled || cfg.WrapSession != nil || cfg.UnwrapSession != nil {
+	if k == nil || cfg == nil || cfg.SessionTicketsDisabled || cfg.SessionTicketKey != [32]byte{} || cfg.WrapSession != nil || cfg.UnwrapSession != nil {
 		return
 	}
 	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {

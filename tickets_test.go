@@ -23,6 +23,7 @@ func TestTicketKeys(t *testing.T) {
 	for range 30 {
 		k.mu.Lock()
 		k.made = k.made.Add(-2 * time.Hour)
+		k.publishLocked()
 		k.mu.Unlock()
 		k.current()
 	}
@@ -39,7 +40,10 @@ func TestTicketKeys(t *testing.T) {
 	// A clock gone back rotates.
 	k.mu.Lock()
 	k.made = time.Now().Add(time.Hour)
+	k.publishLocked()
 	k.mu.Unlock()
+	before := k.cfg.Load()
+	assert.NotSame(t, before, k.current(), "rotated at the next handshake")
 	assert.NotEqual(t, st2.Keys[0], k.state().Keys[0])
 
 	// Keys of the wrong size, or none: fresh keys instead.
@@ -53,7 +57,7 @@ func TestTicketKeys(t *testing.T) {
 
 	// install: the user's own choices stand.
 	wrap := func(tls.ConnectionState, *tls.SessionState) ([]byte, error) { return nil, nil }
-	for _, cfg := range []*tls.Config{{SessionTicketsDisabled: true}, {WrapSession: wrap}} {
+	for _, cfg := range []*tls.Config{{SessionTicketsDisabled: true}, {WrapSession: wrap}, {SessionTicketKey: [32]byte{1}}} {
 		k.install(cfg)
 		assert.Nil(t, cfg.UnwrapSession)
 	}
