@@ -131,7 +131,11 @@ func (k *ticketKeys) publishLocked() {
 // machines that way sets Options.TicketKeyRotation negative. A config that
 // GetConfigForClient returns uses its own keys.)
 func (k *ticketKeys) install(cfg *tls.Config) {
-	if k == nil || cfg == nil || cfg.SessionTicketsDisabled || cfg.SessionTicketKey != [32]byte{} || cfg.WrapSession != nil || cfg.UnwrapSession != nil {
+	if k == nil || cfg == nil || cfg.SessionTicketsDisabled || cfg.WrapSession != nil || cfg.UnwrapSession != nil {
+		return
+	}
+	//lint:ignore SA1019 deprecated, but a user who set it chose the keys
+	if cfg.SessionTicketKey != [32]byte{} {
 		return
 	}
 	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
