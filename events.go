@@ -287,6 +287,8 @@ const (
 	drainedMessage = "\x00drained" // to the successor: a drainReport
 	stateMessage   = "\x00state"   // to a new process, before it starts: a handedState
 	helloMessage   = "\x00hello"   // to the parent, at New: our PID
+
+	stateFileMessage = "\x00statefile" // to a new process, before it starts, with the state file (state.go)
 )
 
 // beginAttempt records an upgrade attempt that starts now and returns the

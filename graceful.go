@@ -200,6 +200,11 @@ type Options struct {
 	// keys that way sets this negative.
 	TicketKeyRotation time.Duration
 
+	// MaxStateSize bounds the state (see [Process.OfferState]) a new
+	// process reads from its predecessor: more is refused whole, logged,
+	// and the process starts cold. Zero means [DefaultMaxStateSize].
+	MaxStateSize int64
+
 	// DrainSignals make [Process.Run] drain and return. One that arrives
 	// while an upgrade attempt runs waits for its outcome (a second one
 	// cancels the attempt); if the new process became ready, it is asked to
@@ -250,6 +255,7 @@ type Process struct {
 	drainInFlight atomic.Int64 // requests in flight as the drain began
 
 	tickets *ticketKeys // nil with a negative TicketKeyRotation (tickets.go)
+	state   states      // offered to the successor, received from the parent (state.go)
 
 	// Probation (probation.go).
 	stats     *requestStats         // nil unless a probation may judge this process
@@ -293,6 +299,12 @@ func New(opts Options) (*Process, error) {
 	}
 	if err := opts.checkProbation(); err != nil {
 		return nil, err
+	}
+	if opts.MaxStateSize < 0 {
+		return nil, fmt.Errorf("graceful: MaxStateSize %d is negative", opts.MaxStateSize)
+	}
+	if opts.MaxStateSize == 0 {
+		opts.MaxStateSize = DefaultMaxStateSize
 	}
 	if opts.TicketKeyRotation > 0 && opts.TicketKeyRotation < time.Second {
 		return nil, fmt.Errorf("graceful: TicketKeyRotation %v is under a second", opts.TicketKeyRotation)

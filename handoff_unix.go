@@ -484,10 +484,17 @@ func (h *handoff) setPatience(d time.Duration) {
 	}
 }
 
+// controlMsg is a control message, with the file it carried, if any (the
+// state file); the receiver closes it.
+type controlMsg struct {
+	text string
+	file *os.File
+}
+
 // takeControl returns, without waiting, the control messages that wait at
 // our end, oldest first. It stops at a message that carries connections:
 // that one is the receive loop's. Call it only while no receive loop runs.
-func (h *handoff) takeControl() []string {
+func (h *handoff) takeControl() []controlMsg {
 	if h == nil {
 		return nil
 	}
@@ -495,8 +502,11 @@ func (h *handoff) takeControl() []string {
 	if err != nil {
 		return nil
 	}
-	var msgs []string
-	buf := make([]byte, 64<<10)
+	var msgs []controlMsg
+	buf, oob := make([]byte, 64<<10), make([]byte, unix.CmsgSpace(4))
+	// No fork between receiving a descriptor and marking it close-on-exec.
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
 	raw.Control(func(fd uintptr) {
 		for {
 			// A peek of one byte consumes nothing and installs no
@@ -505,14 +515,45 @@ func (h *handoff) takeControl() []string {
 			if err != nil || n == 0 || buf[0] != 0 {
 				return
 			}
-			n, _, err = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+			n, oobn, _, _, err := unix.Recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT)
 			if err != nil {
 				return
 			}
-			msgs = append(msgs, string(buf[:n]))
+			m := controlMsg{text: string(buf[:n])}
+			if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, c := range cmsgs {
+					fds, _ := unix.ParseUnixRights(&c)
+					for _, fd := range fds {
+						unix.CloseOnExec(fd)
+						if m.file == nil {
+							m.file = os.NewFile(uintptr(fd), "graceful-state")
+						} else {
+							unix.Close(fd)
+						}
+					}
+				}
+			}
+			msgs = append(msgs, m)
 		}
 	})
 	return msgs
+}
+
+// sendFile sends a control message carrying f's descriptor, waiting at
+// most within for room. f stays the caller's to close.
+func (h *handoff) sendFile(msg string, f *os.File, within time.Duration) error {
+	if h == nil {
+		return errNoHandoff
+	}
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var werr error
+	if err := raw.Control(func(fd uintptr) { werr = h.write([]byte(msg), unix.UnixRights(int(fd)), within) }); err != nil {
+		return err
+	}
+	return werr
 }
 
 // setDeadline bounds every send from now on: a peer that does not read by

@@ -65,6 +65,7 @@ const (
 	modeCheckFail = "checkfail" // its pre-ready check never passes
 	modeSlowReady = "slowready" // its pre-ready check passes after 1.5 s
 	modePanic     = "panic"     // panics 200 ms after declaring itself ready
+	modeStateV2   = "statev2"   // with -state: offers, and reads only, version 2 of its state
 )
 
 func helperMain() int {
@@ -105,6 +106,7 @@ func helperMain() int {
 	h2c := fs.Bool("h2c", false, "also serve HTTP/2 without TLS (prior knowledge)")
 	useTLS := fs.Bool("tls", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate")
 	eventsHook := fs.Bool("events-hook", false, "record every Options.OnEvent event (see hookEvent)")
+	withState := fs.Bool("state", false, "offer a state \"history\" (the PIDs of the generations so far) to the next generation; GET /state shows what this one received")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
@@ -148,6 +150,18 @@ func helperMain() int {
 		return 1
 	}
 	mux := helperMux(p, ev)
+	if *withState {
+		version := 1
+		if mode == modeStateV2 {
+			version = 2
+		}
+		received, v, err := p.State("history", version)
+		history := string(received) + strconv.Itoa(os.Getpid()) + "\n"
+		p.OfferState("history", version, func() ([]byte, error) { return []byte(history), nil })
+		mux.HandleFunc("GET /state", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "version %d, err %v\n%s", v, err, received)
+		})
+	}
 	srv := &http.Server{Handler: mux}
 	if *h2c {
 		srv.Protocols = new(http.Protocols)

@@ -126,11 +126,17 @@ func (p *Process) openHandoffs() error {
 	// The parent's record waits for us (the last one: an earlier child
 	// that failed may have left its own unread).
 	for _, msg := range p.fromParent.takeControl() {
-		if body, ok := strings.CutPrefix(msg, stateMessage+" "); ok {
+		if body, ok := strings.CutPrefix(msg.text, stateMessage+" "); ok {
 			p.inherit(body)
 		}
-		if msg == probationMessage {
+		if msg.text == probationMessage {
 			p.canary = newCanary() // the parent judges us before we take over
+		}
+		if msg.file != nil {
+			if msg.text == stateFileMessage {
+				p.receiveState(msg.file)
+			}
+			msg.file.Close()
 		}
 	}
 	if err := p.fromParent.sendControl(helloMessage+" "+strconv.Itoa(os.Getpid()), time.Second); err != nil {
@@ -212,7 +218,11 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 	if p.toSuccessor != nil {
 		// What an earlier child that failed said, and what it left unread.
 		if !loop {
-			p.toSuccessor.takeControl()
+			for _, msg := range p.toSuccessor.takeControl() {
+				if msg.file != nil {
+					msg.file.Close()
+				}
+			}
 		}
 		p.reclaim()
 		p.lastHello.Store(0)
@@ -224,14 +234,18 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 				p.log.Warn("cannot put the new process on probation", "err", err)
 			}
 		}
+		p.offerState()
 	}
 	defer func() {
 		if loop {
 			newPID = int(p.lastHello.Load())
 		} else {
 			for _, msg := range p.toSuccessor.takeControl() {
-				if pid, ok := strings.CutPrefix(msg, helloMessage+" "); ok {
+				if pid, ok := strings.CutPrefix(msg.text, helloMessage+" "); ok {
 					newPID, _ = strconv.Atoi(pid)
+				}
+				if msg.file != nil {
+					msg.file.Close()
 				}
 			}
 		}
@@ -355,4 +369,46 @@ func checkParentPipes(wait time.Duration) error {
 		}
 		return fmt.Errorf("graceful: %s is set but no parent process sent the names of its descriptors on descriptor %d within %v; refusing to adopt descriptors (unset the variable)", tableflipSentinel, tableflipPipeRead, wait)
 	}
+}
+
+// offerState writes the state offered (see OfferState) to a new state file
+// and sends it to the new process, which reads it at New.
+func (p *Process) offerState() {
+	p.state.mu.Lock()
+	none := len(p.state.offers) == 0
+	p.state.mu.Unlock()
+	if none {
+		return
+	}
+	start := time.Now()
+	f, err := stateFile()
+	if err != nil {
+		p.log.Error("state not offered: cannot make its file", "err", err)
+		return
+	}
+	defer f.Close()
+	n, size, err := p.writeState(f)
+	if err != nil {
+		p.log.Error("state not offered: cannot write it", "err", err)
+		return
+	}
+	if err := p.toSuccessor.sendFile(stateFileMessage, f, time.Second); err != nil {
+		p.log.Error("state not offered: cannot pass it to the new process", "err", err)
+		return
+	}
+	p.log.Info("state offered to the new process", "payloads", n, "bytes", size, "took", time.Since(start).Round(time.Microsecond))
+}
+
+// receiveState reads the state file the parent passed.
+func (p *Process) receiveState(f *os.File) {
+	start := time.Now()
+	got, err := readState(f, p.opts.MaxStateSize)
+	p.state.mu.Lock()
+	p.state.received, p.state.err = got, err
+	p.state.mu.Unlock()
+	if err != nil {
+		p.log.Error("state from the previous process not read; starting cold", "err", err)
+		return
+	}
+	p.log.Info("state received from the previous process", "payloads", len(got), "took", time.Since(start).Round(time.Microsecond))
 }

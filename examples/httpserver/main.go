@@ -27,7 +27,9 @@
 // it served; a rolled-back one exits 1), -probation-latency-ratio R (also
 // roll back a new version whose p99 is more than R times the old one's),
 // -ticket-keys=false (each process makes its own TLS session ticket keys:
-// no client resumes its session across an upgrade).
+// no client resumes its session across an upgrade), -state-size BYTES (hand
+// that much state, a checked pattern, to each new process: the state
+// hand-over's benchmark).
 //
 // Build-time variables (go build -ldflags "-X main.version=v2 -X
 // main.failRate=0.3 -X main.panicAfter=2s -X main.extraLatency=50ms"), so
@@ -45,6 +47,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -110,6 +113,7 @@ type config struct {
 	probation              time.Duration
 	canaryShare, p99Ratio  float64
 	ticketKeys             bool
+	stateSize              int
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -129,6 +133,7 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.DurationVar(&c.probation, "probation", 0, "put each new version on probation this long, serving -canary-share of the connections, before it takes over (0: none)")
 	fs.Float64Var(&c.canaryShare, "canary-share", 0, "the fraction of connections a new version on probation serves (0: graceful.DefaultCanaryShare)")
 	fs.Float64Var(&c.p99Ratio, "probation-latency-ratio", 0, "also roll a new version back when its p99 latency exceeds the old one's this many times (0: off)")
+	fs.IntVar(&c.stateSize, "state-size", 0, "hand this many bytes of state (a checked pattern) to each new process, to measure the state hand-over (0: none)")
 	fs.BoolVar(&c.ticketKeys, "ticket-keys", true, "with -tls-self-signed, pass the TLS session ticket keys to each new process, so that clients resume their sessions across upgrades")
 	fs.BoolVar(&c.metrics, "metrics", true, "export Prometheus metrics at GET /metrics (the events hook is set)")
 	return c
@@ -192,6 +197,11 @@ func run(opts graceful.Options, c *config) error {
 			panic(fmt.Sprintf("panicking %v after serving, as built (main.panicAfter)", bad.panicAfter))
 		}()
 	}
+	if c.stateSize > 0 {
+		if err := handState(p, c.stateSize); err != nil {
+			return err
+		}
+	}
 	ln, err := p.Listen("tcp", c.addr)
 	if err != nil {
 		return err
@@ -211,6 +221,28 @@ func run(opts graceful.Options, c *config) error {
 	}
 	p.Serve(srv, ln)
 	return p.Run(context.Background())
+}
+
+// handState takes the state blob of size bytes from the previous process,
+// checking it, or makes it, and offers it to the next one.
+func handState(p *graceful.Process, size int) error {
+	blob, _, err := p.State("blob", 1)
+	switch {
+	case errors.Is(err, graceful.ErrNoState):
+		blob = make([]byte, size)
+		for i := range blob {
+			blob[i] = byte(i*31 + 7)
+		}
+	case err != nil:
+		return err
+	default:
+		for i, b := range blob {
+			if b != byte(i*31+7) {
+				return fmt.Errorf("state blob corrupted at byte %d of %d", i, len(blob))
+			}
+		}
+	}
+	return p.OfferState("blob", 1, func() ([]byte, error) { return blob, nil })
 }
 
 // routes serves the contract; metrics, if not nil, at /metrics; bad makes
