@@ -71,6 +71,11 @@ func TestStalledCanaryNoHang(t *testing.T) {
 	// status (the canary said its checks passed).
 	canary = waitCanary(t, ctx, sock)
 	require.NoError(t, syscall.Kill(canary, syscall.SIGSTOP))
+	// Stopped for good before any connection is sent: kill returns before
+	// the canary's threads have stopped, and one that read a connection
+	// first would hold it until it is killed (a crash's in-flight loss,
+	// which is not what this test is about).
+	waitStopped(t, canary)
 
 	// Every new connection goes to the canary (share 1): enough of them to
 	// fill the hand-off channel's socket buffer.
@@ -215,4 +220,27 @@ func waitCanary(t *testing.T, ctx context.Context, sock string) int {
 		case <-tick.C:
 		}
 	}
+}
+
+// waitStopped waits until every thread of process pid is stopped (state
+// T in /proc), at most 10 s.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	for i := 0; i < 10000; i++ {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		require.NoError(t, err)
+		stopped := 0
+		for _, task := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+			// The state follows the command's closing parenthesis.
+			if s := string(b); err == nil && strings.Contains(s[strings.LastIndexByte(s, ')')+1:], " T ") {
+				stopped++
+			}
+		}
+		if stopped == len(tasks) {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatalf("process %d did not stop", pid)
 }
