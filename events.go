@@ -446,6 +446,8 @@ func (p *Process) controlMessage(msg string) {
 			return
 		}
 		p.drainFinished(rep, true)
+	case streamsMessage: // from a new process, read by a receive loop (probation)
+		p.successorTakes(body)
 	case helloMessage: // from a new process, read by a receive loop (probation)
 		if pid, err := strconv.Atoi(body); err == nil {
 			p.lastHello.Store(int64(pid))

@@ -256,6 +256,9 @@ type Process struct {
 
 	tickets *ticketKeys // nil with a negative TicketKeyRotation (tickets.go)
 	state   states      // offered to the successor, received from the parent (state.go)
+	streams streamSet   // OnStream's handlers and the streams received (streams.go)
+
+	successorStreams atomic.Pointer[map[string]bool] // the kinds of stream the new process takes
 
 	// Probation (probation.go).
 	stats     *requestStats         // nil unless a probation may judge this process
@@ -495,7 +498,7 @@ func (p *Process) Run(ctx context.Context) error {
 		return errors.Join(fmt.Errorf("graceful: not ready: %w", err), p.drain("not ready"))
 	}
 	p.group.start()
-	p.fromParent.receive(p.inboxes.deliver, p.parentDelivered)
+	p.fromParent.receive(p.deliver, p.parentDelivered)
 	if p.takesBack() {
 		// Connections a canary hands back, and its messages.
 		p.toSuccessor.receive(p.inboxes.deliver, func() {})
@@ -611,6 +614,12 @@ func (p *Process) declareReady() error {
 	if p.opts.PIDFile != "" {
 		if err := writePIDFile(p.opts.PIDFile); err != nil {
 			return err
+		}
+	}
+	if kinds := p.streamKinds(); kinds != "" && p.fromParent != nil {
+		// Before Ready: the parent reads it before it hands over.
+		if err := p.fromParent.sendControl(streamsMessage+" "+kinds, time.Second); err != nil {
+			p.log.Warn("cannot tell the previous process the streams we take", "err", err)
 		}
 	}
 	if err := p.notifyReady(); err != nil {

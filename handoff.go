@@ -155,3 +155,18 @@ func (in *inbox) finish() { in.once.Do(func() { close(in.done) }) }
 
 // pending reports whether received connections wait to be accepted.
 func (in *inbox) pending() bool { return len(in.c) > 0 }
+
+// handoffEntry is what a message says of one connection beside its
+// descriptor: the key of the listener that accepted it, the network, and the
+// local and remote addresses, separated by \x01. The receiver then needs no
+// system call to learn them.
+func handoffEntry(key string, c net.Conn) string {
+	var network, local, remote string
+	if a := c.LocalAddr(); a != nil {
+		network, local = a.Network(), a.String()
+	}
+	if a := c.RemoteAddr(); a != nil {
+		remote = a.String()
+	}
+	return key + "\x01" + network + "\x01" + local + "\x01" + remote
+}

@@ -13,6 +13,8 @@ type handoff struct{ onControl func(string) }
 
 func (h *handoff) send(string, net.Conn) error { return errNoHandoff }
 
+func (h *handoff) sendEntry(string, net.Conn) error { return errNoHandoff }
+
 func (h *handoff) receive(_ func(string, net.Conn), end func()) { end() }
 
 func (h *handoff) wait() {}

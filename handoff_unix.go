@@ -90,6 +90,10 @@ func handoffFromFile(f *os.File, log *slog.Logger) (*handoff, error) {
 // kernel's SCM_MAX_FD is 253).
 const maxBatch = 253
 
+// maxMessage is how long a message's entries may be: the receiver reads
+// into a 64 KiB buffer.
+const maxMessage = 60 << 10
+
 // outgoing is one connection waiting in send for the message that carries
 // it.
 type outgoing struct {
@@ -98,26 +102,20 @@ type outgoing struct {
 	done  chan error
 }
 
-// handoffEntry is what a message says of one connection beside its
-// descriptor: the key of the listener that accepted it, the network, and the
-// local and remote addresses, separated by \x01. The receiver then needs no
-// system call to learn them.
-func handoffEntry(key string, c net.Conn) string {
-	var network, local, remote string
-	if a := c.LocalAddr(); a != nil {
-		network, local = a.Network(), a.String()
-	}
-	if a := c.RemoteAddr(); a != nil {
-		remote = a.String()
-	}
-	return key + "\x01" + network + "\x01" + local + "\x01" + remote
-}
-
 // send passes c's descriptor, and the key of the listener that accepted it,
 // to the other end, and returns once it is sent. Our descriptor stays ours
 // to close. Concurrent sends are batched, many descriptors to a message: the
 // first caller sends for everyone waiting, as a group commit does.
 func (h *handoff) send(key string, c net.Conn) error {
+	if h == nil {
+		return errNoHandoff
+	}
+	return h.sendEntry(handoffEntry(key, c), c)
+}
+
+// sendEntry is send with the entry given (see handoffEntry; a stream's has
+// more fields).
+func (h *handoff) sendEntry(entry string, c net.Conn) error {
 	if h == nil {
 		return errNoHandoff
 	}
@@ -129,7 +127,7 @@ func (h *handoff) send(key string, c net.Conn) error {
 	if err != nil {
 		return fmt.Errorf("hand-off: %w", err)
 	}
-	out := &outgoing{entry: handoffEntry(key, c), fd: -1, done: make(chan error, 1)}
+	out := &outgoing{entry: entry, fd: -1, done: make(chan error, 1)}
 	if err := raw.Control(func(fd uintptr) { out.fd = int(fd) }); err != nil {
 		return fmt.Errorf("hand-off: %w", err)
 	}
@@ -138,7 +136,14 @@ func (h *handoff) send(key string, c net.Conn) error {
 	if !h.sending {
 		h.sending = true
 		for len(h.queue) > 0 {
-			batch := h.queue[:min(len(h.queue), maxBatch)]
+			// At most maxBatch descriptors, and entries that fit the
+			// receiver's buffer (a stream's carry its state).
+			n, bytes := 0, 0
+			for n < min(len(h.queue), maxBatch) && (n == 0 || bytes+len(h.queue[n].entry)+1 <= maxMessage) {
+				bytes += len(h.queue[n].entry) + 1
+				n++
+			}
+			batch := h.queue[:n]
 			h.queue = h.queue[len(batch):]
 			h.mu.Unlock()
 			err := h.sendEach(batch)
@@ -344,8 +349,11 @@ func receiveQueued(f *os.File, deliver func(key string, c net.Conn)) int {
 func receivedConn(fd int, e string) (key string, c net.Conn, err error) {
 	parts := strings.Split(e, "\x01")
 	key = parts[0]
+	if len(parts) == 6 { // a stream: its unread bytes and state ride in the key
+		key += "\x01" + parts[4] + "\x01" + parts[5]
+	}
 	f := os.NewFile(uintptr(fd), "handed-off")
-	if len(parts) == 4 {
+	if len(parts) == 4 || len(parts) == 6 {
 		local, lerr := parseAddr(parts[1], parts[2])
 		remote, rerr := parseAddr(parts[1], parts[3])
 		// A descriptor in blocking mode (none of ours) would get no

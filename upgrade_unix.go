@@ -226,6 +226,7 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 		}
 		p.reclaim()
 		p.lastHello.Store(0)
+		p.successorStreams.Store(nil)
 		if err := p.toSuccessor.sendControl(stateMessage+" "+string(state), time.Second); err != nil {
 			p.log.Warn("cannot pass the upgrade record to the new process", "err", err)
 		}
@@ -243,6 +244,9 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 			for _, msg := range p.toSuccessor.takeControl() {
 				if pid, ok := strings.CutPrefix(msg.text, helloMessage+" "); ok {
 					newPID, _ = strconv.Atoi(pid)
+				}
+				if kinds, ok := strings.CutPrefix(msg.text, streamsMessage+" "); ok {
+					p.successorTakes(kinds)
 				}
 				if msg.file != nil {
 					msg.file.Close()

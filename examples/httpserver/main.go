@@ -26,7 +26,10 @@
 // of the connections for that long and is promoted or rolled back on what
 // it served; a rolled-back one exits 1), -probation-latency-ratio R (also
 // roll back a new version whose p99 is more than R times the old one's),
-// -ticket-keys=false (each process makes its own TLS session ticket keys:
+// -stream-handoff (at an upgrade each /sse and /ws stream is handed to the
+// new process, connection and all, instead of told goodbye; SSE events
+// then carry "id: N"), -ticket-keys=false (each process makes its own TLS
+// session ticket keys:
 // no client resumes its session across an upgrade), -state-size BYTES (hand
 // that much state, a checked pattern, to each new process: the state
 // hand-over's benchmark).
@@ -114,6 +117,7 @@ type config struct {
 	canaryShare, p99Ratio  float64
 	ticketKeys             bool
 	stateSize              int
+	streamHandOff          bool
 }
 
 // defineFlags defines the reference server's flags on fs.
@@ -133,6 +137,7 @@ func defineFlags(fs *flag.FlagSet) *config {
 	fs.DurationVar(&c.probation, "probation", 0, "put each new version on probation this long, serving -canary-share of the connections, before it takes over (0: none)")
 	fs.Float64Var(&c.canaryShare, "canary-share", 0, "the fraction of connections a new version on probation serves (0: graceful.DefaultCanaryShare)")
 	fs.Float64Var(&c.p99Ratio, "probation-latency-ratio", 0, "also roll a new version back when its p99 latency exceeds the old one's this many times (0: off)")
+	fs.BoolVar(&c.streamHandOff, "stream-handoff", false, "hand /sse and /ws streams to the new process at upgrades instead of saying goodbye (events then carry an id)")
 	fs.IntVar(&c.stateSize, "state-size", 0, "hand this many bytes of state (a checked pattern) to each new process, to measure the state hand-over (0: none)")
 	fs.BoolVar(&c.ticketKeys, "ticket-keys", true, "with -tls-self-signed, pass the TLS session ticket keys to each new process, so that clients resume their sessions across upgrades")
 	fs.BoolVar(&c.metrics, "metrics", true, "export Prometheus metrics at GET /metrics (the events hook is set)")
@@ -206,7 +211,7 @@ func run(opts graceful.Options, c *config) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: routes(p, metrics, bad), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: routes(p, metrics, bad, c.streamHandOff), ReadHeaderTimeout: 10 * time.Second}
 	if c.h2c {
 		srv.Protocols = new(http.Protocols)
 		srv.Protocols.SetHTTP1(true)
@@ -247,7 +252,7 @@ func handState(p *graceful.Process, size int) error {
 
 // routes serves the contract; metrics, if not nil, at /metrics; bad makes
 // a bad build.
-func routes(p *graceful.Process, metrics http.Handler, bad faults) http.Handler {
+func routes(p *graceful.Process, metrics http.Handler, bad faults, streamHandOff bool) http.Handler {
 	pid := strconv.Itoa(os.Getpid())
 	mux := http.NewServeMux()
 	// fail answers 500 to the share of requests a bad build fails.
@@ -297,8 +302,12 @@ func routes(p *graceful.Process, metrics http.Handler, bad faults) http.Handler 
 		w.Header().Set("X-Pid", pid)
 		io.WriteString(w, "ok")
 	})
-	mux.HandleFunc("GET /sse", sse)
-	mux.HandleFunc("GET /ws", echoWS)
+	if streamHandOff {
+		handOffStreams(p, mux)
+	} else {
+		mux.HandleFunc("GET /sse", sse)
+		mux.HandleFunc("GET /ws", echoWS)
+	}
 	mux.Handle("GET /readyz", p.Health().Readiness())
 	mux.Handle("GET /livez", p.Health().Liveness())
 	if version == "" && bad.extraLatency == 0 {
