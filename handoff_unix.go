@@ -332,8 +332,14 @@ func receiveQueued(f *os.File, deliver func(key string, c net.Conn)) int {
 	syscall.ForkLock.RUnlock()
 	total := 0
 	for _, m := range queued {
+		if len(m.msg) > 0 && m.msg[0] == 0 {
+			// A control message for the process that is gone; the state
+			// file's descriptor is closed.
+			closeRights(m.oob)
+			continue
+		}
 		if len(m.oob) == 0 {
-			continue // a control message for the process that is gone
+			continue
 		}
 		total += deliverMessage(slog.New(slog.DiscardHandler), m.msg, m.oob, m.flags, deliver)
 	}
@@ -585,5 +591,19 @@ func (h *handoff) setDeadline(t time.Time) {
 func (h *handoff) close() {
 	if h != nil {
 		h.conn.Close()
+	}
+}
+
+// closeRights closes the descriptors a message's control data carries.
+func closeRights(oob []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return
+	}
+	for _, m := range msgs {
+		fds, _ := unix.ParseUnixRights(&m)
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
 	}
 }

@@ -56,7 +56,7 @@ func (p *Process) serveConns(ln net.Listener, handle func(ctx context.Context, c
 // without descriptor passing) or sending fails.
 func (p *Process) HandOff(c net.Conn) error {
 	tc, ok := c.(*trackedConn)
-	if !ok || !tc.t.raw {
+	if !ok || !tc.t.raw || tc.t == p.streams.t {
 		return errors.New("graceful: HandOff: not a connection from ServeConns")
 	}
 	to := p.handOffTarget()

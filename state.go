@@ -48,8 +48,12 @@ type states struct {
 	mu       sync.Mutex
 	offers   map[string]offer
 	received map[string]statePayload
-	err      error // why what the previous process passed was not read
+	mapping  []byte // the received file, mapped; nil once released
 }
+
+// maxStatePayloads bounds how many payloads a state file may hold: each
+// costs this process a map entry whatever its size.
+const maxStatePayloads = 4096
 
 type statePayload struct {
 	version int
@@ -71,8 +75,10 @@ type statePayload struct {
 // both processes see it (a file or shared memory of your own, an external
 // store); offered here, its updates during the upgrade are lost.
 //
-// A name is 1 to 255 bytes; offering a name again replaces its payload. It
-// returns an error for a bad name or a nil snapshot.
+// A name is 1 to 255 bytes; offering a name again replaces its payload; at
+// most 4,096 names. A snapshot that panics, or takes over 10 s, is left out
+// like a failing one. It returns an error for a bad name or a nil
+// snapshot.
 func (p *Process) OfferState(name string, version int, snapshot func() ([]byte, error)) error {
 	if name == "" || len(name) > 255 {
 		return fmt.Errorf("graceful: OfferState: name %q: want 1 to 255 bytes", name)
@@ -98,7 +104,10 @@ func (p *Process) OfferState(name string, version int, snapshot func() ([]byte, 
 // could not be read (logged by New, with why). A version this binary does
 // not accept (say, after a rollback to an older one) returns an error that
 // names it, and the log says the process starts cold for that name. The
-// data is this process's own to keep and modify.
+// data is a private (copy-on-write) mapping of what the old process sent,
+// shared by every call for the same name: modify it only if you call once.
+// It stays mapped until [Process.ReleaseState]: call that once you have
+// decoded it into structures of your own, or the process holds it twice.
 func (p *Process) State(name string, versions ...int) ([]byte, int, error) {
 	p.state.mu.Lock()
 	got, ok := p.state.received[name]
@@ -112,6 +121,49 @@ func (p *Process) State(name string, versions ...int) ([]byte, int, error) {
 		return nil, got.version, err
 	}
 	return got.data, got.version, nil
+}
+
+// ReleaseState unmaps the state received from the previous process: the
+// slices [Process.State] returned must not be used afterwards, and State
+// returns [ErrNoState] from then on. Call it once the state is decoded
+// (keep it mapped instead if you use the bytes as they are). Idempotent.
+func (p *Process) ReleaseState() {
+	p.state.mu.Lock()
+	defer p.state.mu.Unlock()
+	if p.state.mapping != nil {
+		unmapState(p.state.mapping)
+	}
+	p.state.mapping, p.state.received = nil, nil
+}
+
+// snapshotTimeout bounds a user's snapshot: it must not hold an upgrade.
+const snapshotTimeout = 10 * time.Second
+
+// takeSnapshot calls snapshot, turning a panic into an error and giving up
+// on it after d (it then finishes on its own, its result dropped).
+func takeSnapshot(snapshot func() ([]byte, error), d time.Duration) ([]byte, error) {
+	type result struct {
+		b   []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		defer func() {
+			if v := recover(); v != nil {
+				done <- result{nil, fmt.Errorf("snapshot panicked: %v", v)}
+			}
+		}()
+		b, err := snapshot()
+		done <- result{b, err}
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case r := <-done:
+		return r.b, r.err
+	case <-t.C:
+		return nil, fmt.Errorf("snapshot took over %v", d)
+	}
 }
 
 // writeState takes a snapshot of every offer and writes them to f; it
@@ -135,7 +187,7 @@ func (p *Process) writeState(f io.Writer) (n int, size int64, err error) {
 	for _, name := range names {
 		o := offers[name]
 		start := time.Now()
-		data, err := o.snapshot()
+		data, err := takeSnapshot(o.snapshot, snapshotTimeout)
 		if err != nil {
 			p.log.Warn("state not offered: its snapshot failed; the new process starts cold for it", "name", name, "err", err)
 			continue
@@ -178,6 +230,12 @@ func parseState(b []byte) (map[string]statePayload, error) {
 			return nil, errors.New("state file truncated in a payload's header")
 		}
 		name := string(b[:nl])
+		if _, dup := got[name]; dup {
+			return nil, fmt.Errorf("state %q twice", name)
+		}
+		if len(got) == maxStatePayloads {
+			return nil, fmt.Errorf("state file of more than %d payloads", maxStatePayloads)
+		}
 		version := int(int64(binary.BigEndian.Uint64(b[nl:])))
 		size := binary.BigEndian.Uint64(b[nl+8:])
 		b = b[nl+16:]

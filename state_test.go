@@ -2,11 +2,14 @@ package graceful
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"log/slog"
-	"os"
+	"runtime"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -47,16 +50,57 @@ func TestStateFile(t *testing.T) {
 	_, err = parseState(newer)
 	assert.ErrorContains(t, err, "unknown format")
 
-	f, err := os.CreateTemp(t.TempDir(), "state")
+	// An unsealed file is refused (Linux: anyone holding it could shrink it
+	// under the mapping); a sealed one is mapped, whatever its offset.
+	unsealed, err := stateFile()
+	require.NoError(t, err)
+	defer unsealed.Close()
+	_, err = unsealed.Write(whole)
+	require.NoError(t, err)
+	if runtime.GOOS == "linux" {
+		_, _, err = readState(unsealed, int64(len(whole)))
+		assert.ErrorContains(t, err, "not sealed")
+	}
+	f, err := stateFile()
 	require.NoError(t, err)
 	defer f.Close()
 	_, err = f.Write(whole)
 	require.NoError(t, err)
-	_, err = readState(f, int64(len(whole))-1)
+	require.NoError(t, sealState(f))
+	_, err = f.Write([]byte("more"))
+	if runtime.GOOS == "linux" {
+		assert.Error(t, err, "sealed: no more writes")
+	}
+	_, _, err = readState(f, int64(len(whole))-1)
 	assert.ErrorContains(t, err, "over the limit")
-	got, err = readState(f, int64(len(whole))) // whatever the offset
+	got, mapping, err := readState(f, int64(len(whole)))
 	require.NoError(t, err)
 	assert.Len(t, got, 2)
+	defer unmapState(mapping)
+
+	// Duplicate names, and too many payloads.
+	dup := append(append([]byte(nil), whole...), whole[len(stateMagic):]...)
+	_, err = parseState(dup)
+	assert.ErrorContains(t, err, "twice")
+	many := []byte(stateMagic)
+	for i := range maxStatePayloads + 1 {
+		name := strconv.Itoa(i)
+		many = binary.BigEndian.AppendUint16(many, uint16(len(name)))
+		many = append(many, name...)
+		many = binary.BigEndian.AppendUint64(many, 1)
+		many = binary.BigEndian.AppendUint64(many, 0)
+	}
+	_, err = parseState(many)
+	assert.ErrorContains(t, err, "more than 4096 payloads")
+
+	// A snapshot that panics or hangs is an error, not the end of the
+	// process or of the upgrade.
+	_, err = takeSnapshot(func() ([]byte, error) { panic("boom") }, time.Second)
+	assert.ErrorContains(t, err, "snapshot panicked: boom")
+	release := make(chan struct{})
+	defer close(release)
+	_, err = takeSnapshot(func() ([]byte, error) { <-release; return nil, nil }, 50*time.Millisecond)
+	assert.ErrorContains(t, err, "snapshot took over 50ms")
 
 	// State: the versions this build reads.
 	p.state.received = got
@@ -69,4 +113,8 @@ func TestStateFile(t *testing.T) {
 	assert.Equal(t, 3, v)
 	_, _, err = p.State("nothing")
 	assert.ErrorIs(t, err, ErrNoState)
+	p.ReleaseState()
+	_, _, err = p.State("cache")
+	assert.ErrorIs(t, err, ErrNoState, "released")
+	p.ReleaseState()
 }

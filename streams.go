@@ -37,7 +37,8 @@ type streamSet struct {
 	mu       sync.Mutex
 	handlers map[string]func(ctx context.Context, c net.Conn, state []byte)
 	t        *tracker
-	wg       sync.WaitGroup
+	wg       sync.WaitGroup // handlers running (Add under mu, never once closed)
+	closed   bool           // no more handlers start (guarded by mu)
 	stopped  chan struct{}
 }
 
@@ -50,9 +51,11 @@ type streamSet struct {
 // on again, or says goodbye in its protocol. Register before [Process.Run];
 // the kinds registered are what the new process accepts (the old one does
 // not send a kind its successor has no handler for). Streams still open at
-// the drain deadline are closed.
+// the drain deadline are closed. A kind is 1 to 64 bytes without commas,
+// spaces or control bytes; another, or a nil handle, panics (a programming
+// error, like http.Handle's).
 func (p *Process) OnStream(kind string, handle func(ctx context.Context, c net.Conn, state []byte)) {
-	if kind == "" || strings.ContainsAny(kind, "\x00\x01\x02, ") || handle == nil {
+	if kind == "" || len(kind) > 64 || strings.ContainsAny(kind, "\x00\x01\x02, ") || handle == nil {
 		panic(fmt.Sprintf("graceful: OnStream: bad kind %q or nil handler", kind))
 	}
 	s := &p.streams
@@ -66,6 +69,15 @@ func (p *Process) OnStream(kind string, handle func(ctx context.Context, c net.C
 		p.addTracker(s.t)
 		p.Add(func() error { <-s.stopped; return nil }, func(ctx context.Context) error {
 			close(s.stopped)
+			// Streams the parent still hands over arrive until its channel
+			// ends (it exited), at most until our deadline.
+			select {
+			case <-p.fromParent.ended():
+			case <-ctx.Done():
+			}
+			s.mu.Lock()
+			s.closed = true
+			s.mu.Unlock()
 			done := make(chan struct{})
 			go func() { s.wg.Wait(); close(done) }()
 			select {
@@ -141,7 +153,22 @@ func (p *Process) HandOffStream(kind string, c net.Conn, unread, state []byte) e
 		return fmt.Errorf("graceful: HandOffStream: %d bytes of unread data and state, over %d (use OfferState for large state)", len(all)+len(state), maxStreamPayload)
 	}
 	entry := handoffEntry(streamKeyPrefix+kind, inner) + "\x01" + base64.StdEncoding.EncodeToString(all) + "\x01" + base64.StdEncoding.EncodeToString(state)
-	if err := p.toSuccessor.sendEntry(entry, inner); err != nil {
+	// While it is sent nothing may close it (the drain's deadline
+	// force-closes what is left, but not a connection being handed).
+	tc, tracked := c.(*trackedConn)
+	if tracked && !tc.beginHandOff() {
+		return fmt.Errorf("graceful: HandOffStream: connection already %v", tc.state())
+	}
+	err := p.toSuccessor.sendEntry(entry, inner)
+	if tracked {
+		if err != nil {
+			tc.to(connHanding, connSeen)
+		} else {
+			tc.to(connHanding, connHanded)
+		}
+		close(tc.handDone)
+	}
+	if err != nil {
 		return fmt.Errorf("graceful: HandOffStream: %w", err)
 	}
 	c.Close()
@@ -169,16 +196,19 @@ func (p *Process) deliver(key string, c net.Conn) {
 	s := &p.streams
 	s.mu.Lock()
 	handle := s.handlers[kind]
+	closed := s.closed
+	if handle != nil && err == nil && !closed {
+		s.wg.Add(1)
+	}
 	s.mu.Unlock()
-	if err != nil || handle == nil {
-		p.log.Error("stream hand-off: cannot take the stream; closing it", "kind", kind, "err", err, "handler", handle != nil)
+	if err != nil || handle == nil || closed {
+		p.log.Error("stream hand-off: cannot take the stream; closing it", "kind", kind, "err", err, "handler", handle != nil, "after_drain", closed)
 		c.Close()
 		return
 	}
 	tc := s.t.add(&prefixConn{Conn: c, prefix: unread})
 	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), ctxKey{}, p))
 	p.onGoodbye(ctx, cancel, true) // at our own drain, spread like the others
-	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		defer cancel()

@@ -253,6 +253,11 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 				}
 			}
 		}
+		if err != nil && p.plat.peer != nil {
+			// What the failed process never read (the state file) is not
+			// kept until the next attempt.
+			p.reclaim()
+		}
 		if err == nil && p.plat.peer != nil {
 			// The successor's end must close with the successor: a send to
 			// a successor that died fails at once instead of filling the
@@ -392,6 +397,9 @@ func (p *Process) offerState() {
 	}
 	defer f.Close()
 	n, size, err := p.writeState(f)
+	if err == nil {
+		err = sealState(f)
+	}
 	if err != nil {
 		p.log.Error("state not offered: cannot write it", "err", err)
 		return
@@ -406,9 +414,9 @@ func (p *Process) offerState() {
 // receiveState reads the state file the parent passed.
 func (p *Process) receiveState(f *os.File) {
 	start := time.Now()
-	got, err := readState(f, p.opts.MaxStateSize)
+	got, mapping, err := readState(f, p.opts.MaxStateSize)
 	p.state.mu.Lock()
-	p.state.received, p.state.err = got, err
+	p.state.received, p.state.mapping = got, mapping
 	p.state.mu.Unlock()
 	if err != nil {
 		p.log.Error("state from the previous process not read; starting cold", "err", err)

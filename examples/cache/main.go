@@ -60,6 +60,7 @@ func run(log *slog.Logger, addr, pidfile string, lookup time.Duration, handOver 
 			} else {
 				log.Info("cache from the previous process", "items", len(c.items))
 			}
+			p.ReleaseState() // decoded: the mapping is not needed any more
 		case !errors.Is(err, graceful.ErrNoState):
 			log.Warn("starting cold", "err", err) // another version
 		}

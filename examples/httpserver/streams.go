@@ -109,6 +109,8 @@ func wsEcho(p *graceful.Process, c net.Conn, early []byte, goodbye <-chan struct
 	frames := make(chan frame)
 	var partial []byte // the frame being read, as read so far
 	readerDone := make(chan error, 1)
+	stop := make(chan struct{})
+	defer close(stop) // a reader holding a frame nobody takes ends too
 	go func() {
 		r := &earlyReader{early: early, c: c}
 		for {
@@ -117,7 +119,11 @@ func wsEcho(p *graceful.Process, c net.Conn, early []byte, goodbye <-chan struct
 				readerDone <- err
 				return
 			}
-			frames <- f
+			select {
+			case frames <- f:
+			case <-stop:
+				return
+			}
 		}
 	}()
 	echo := func(f frame) bool {
