@@ -71,9 +71,11 @@ func (p *Process) OnStream(kind string, handle func(ctx context.Context, c net.C
 			close(s.stopped)
 			// Streams the parent still hands over arrive until its channel
 			// ends (it exited), at most until our deadline.
-			select {
-			case <-p.fromParent.ended():
-			case <-ctx.Done():
+			if parent := p.fromParent.ended(); parent != nil { // none in a first generation
+				select {
+				case <-parent:
+				case <-ctx.Done():
+				}
 			}
 			s.mu.Lock()
 			s.closed = true

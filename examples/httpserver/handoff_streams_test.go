@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -38,8 +39,23 @@ func TestStreamHandOff(t *testing.T) {
 		err      error
 	}
 	results := make(chan result, 2*clients)
+	// progress counts each client's messages as they are checked, so that
+	// the test can wait until every stream has made some.
+	var progress [2 * clients]atomic.Int64
+	waitProgress := func(what string) {
+		t.Helper()
+		var base [2 * clients]int64
+		for i := range progress {
+			base[i] = progress[i].Load()
+		}
+		for i := range progress {
+			for deadline := time.Now().Add(30 * time.Second); progress[i].Load() == base[i]; time.Sleep(5 * time.Millisecond) {
+				require.False(t, time.Now().After(deadline), "client %d made no progress %s", i, what)
+			}
+		}
+	}
 
-	for range clients {
+	for i := range clients {
 		conn, _, err := websocket.DefaultDialer.DialContext(ctx, "ws://"+srv.Addr+"/ws", nil)
 		require.NoError(t, err)
 		wg.Go(func() {
@@ -68,10 +84,11 @@ func TestStreamHandOff(t *testing.T) {
 					return
 				}
 				r.messages++
+				progress[i].Add(1)
 			}
 		})
 	}
-	for range clients {
+	for i := clients; i < 2*clients; i++ {
 		conn, err := net.Dial("tcp", srv.Addr)
 		require.NoError(t, err)
 		fmt.Fprintf(conn, "GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -104,6 +121,7 @@ func TestStreamHandOff(t *testing.T) {
 					}
 					next++
 					r.messages++
+					progress[i].Add(1)
 				case strings.HasPrefix(line, "event:"):
 					r.err = fmt.Errorf("told %q after event %d", line, next-1)
 					return
@@ -112,14 +130,17 @@ func TestStreamHandOff(t *testing.T) {
 		})
 	}
 
-	time.Sleep(300 * time.Millisecond) // every stream under way
+	waitProgress("before the upgrades")
 	pids := []int{srv.PID()}
 	for i := range upgrades {
 		u, err := srv.Upgrade(ctx, time.Minute)
 		require.NoError(t, err, "upgrade %d", i+1)
+		// Its streams handed over, the old process exits at once, not at
+		// its drain deadline (30 s).
+		assert.Less(t, u.OldExit, 5*time.Second, "upgrade %d", i+1)
 		pids = append(pids, u.NewPID)
 	}
-	time.Sleep(300 * time.Millisecond) // and under way on the last process
+	waitProgress("on the last process")
 	close(stop)
 	wg.Wait()
 	close(results)

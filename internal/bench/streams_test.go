@@ -66,12 +66,10 @@ func wsClient(addr string, stop <-chan struct{}, reconnects, lost, messages *ato
 	for first := true; ; first = false {
 		conn, _, err := websocket.DefaultDialer.Dial("ws://"+addr+"/ws", nil)
 		if err != nil {
-			select {
-			case <-stop:
+			if !retry(stop) {
 				return
-			case <-time.After(20 * time.Millisecond):
-				continue
 			}
+			continue
 		}
 		if !first {
 			reconnects.Add(1)
@@ -104,12 +102,10 @@ func sseClient(addr string, stop <-chan struct{}, reconnects, bad *atomic.Int64)
 	for first := true; ; first = false {
 		conn, err := net.Dial("tcp", addr)
 		if err != nil {
-			select {
-			case <-stop:
+			if !retry(stop) {
 				return
-			case <-time.After(20 * time.Millisecond):
-				continue
 			}
+			continue
 		}
 		if !first {
 			reconnects.Add(1)
@@ -139,5 +135,15 @@ func sseClient(addr string, stop <-chan struct{}, reconnects, bad *atomic.Int64)
 			return
 		default:
 		}
+	}
+}
+
+// retry waits a moment before a client dials again; false once stopped.
+func retry(stop <-chan struct{}) bool {
+	select {
+	case <-stop:
+		return false
+	case <-time.After(20 * time.Millisecond):
+		return true
 	}
 }
