@@ -323,7 +323,13 @@ func TestUnderSystemd(t *testing.T) {
 
 	t.Run("httpserver.service", func(t *testing.T) {
 		m.t = t
-		t.Cleanup(func() { m.run("systemctl", "stop", "httpserver") })
+		t.Cleanup(func() {
+			if t.Failed() { // what the service said, for the failure's cause
+				journal, _ := m.run("journalctl", "--no-pager", "-u", "httpserver", "-n", "300")
+				t.Logf("journal of httpserver.service:\n%s", journal)
+			}
+			m.run("systemctl", "stop", "httpserver")
+		})
 		m.must("systemctl", "start", "httpserver")
 		main := m.show("httpserver", "MainPID")
 		load := loadtest.StartLoad("127.0.0.1:8080", mix)
