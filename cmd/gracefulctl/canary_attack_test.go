@@ -171,7 +171,7 @@ func TestCanaryLeaves(t *testing.T) {
 		load := loadtest.StartLoad(srv.Addr, loadtest.Mix{KeepAliveGET: 8, FreshGET: 4})
 		res, began := upgrade(sock)
 		canary := waitCanary(t, ctx, sock)
-		time.Sleep(500 * time.Millisecond) // it serves its share
+		waitRequests(t, load, 200) // requests during the window: it serves its share
 		require.NoError(t, syscall.Kill(canary, syscall.SIGTERM))
 		out := <-res
 		took := time.Since(began)

@@ -83,7 +83,7 @@ func TestCanary(t *testing.T) {
 	// how many requests ended while it ran.
 	during := func(srv *loadtest.Server, deploy func(string) (string, int), bin string) (out string, code int, st *loadtest.Stats, inWindow int) {
 		load := loadtest.StartLoad(srv.Addr, mix)
-		time.Sleep(200 * time.Millisecond) // the clients' connections are open: the split covers them too
+		waitRequests(t, load, 100) // the clients' connections are open: the split covers them too
 		began := time.Now()
 		out, code = deploy(bin)
 		ended := time.Now()
@@ -202,4 +202,16 @@ func TestCanary(t *testing.T) {
 		assert.Less(t, took, upgradeTimeout*3/4)
 		t.Logf("promoted after %v without traffic", took.Round(time.Millisecond))
 	})
+}
+
+// waitRequests waits until load has made n more requests, at most 30 s.
+func waitRequests(t *testing.T, load *loadtest.Load, n int) {
+	t.Helper()
+	start, _ := load.Snapshot()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if done, _ := load.Snapshot(); done >= start+n {
+			return
+		}
+		require.False(t, time.Now().After(deadline), "the load made fewer than %d requests in 30 s", n)
+	}
 }
