@@ -623,7 +623,13 @@ func (p *Process) declareReady() error {
 		}
 	}
 	if err := p.notifyReady(); err != nil {
-		return fmt.Errorf("graceful: notify parent: %w", err)
+		if !p.parentGone(time.Second) {
+			return fmt.Errorf("graceful: notify parent: %w", err)
+		}
+		// The parent died (SIGKILL, a crash) before it learned we are
+		// ready: it holds nothing any more, and we hold the listeners.
+		// Leaving now would leave nothing listening.
+		p.log.Warn("the previous process is gone: serving alone", "err", err)
 	}
 	p.life.enter(PhaseServing)
 	if p.canary != nil {

@@ -778,6 +778,10 @@ func (p *Process) serveProbation(ctx context.Context, drainSig <-chan os.Signal)
 	p.life.enter(PhaseProbation)
 	p.log.Info("on probation: serving the connections the previous process hands over")
 	if err := p.fromParent.sendControl(candidateMessage+" "+strconv.Itoa(os.Getpid()), reportTimeout); err != nil {
+		if p.parentGone(time.Second) {
+			p.log.Warn("probation: the previous process is gone before the window; serving alone, unjudged", "err", err)
+			return true, "", false
+		}
 		return false, "cannot tell the previous process the checks passed: " + err.Error(), false
 	}
 	select {
@@ -795,7 +799,10 @@ func (p *Process) serveProbation(ctx context.Context, drainSig <-chan os.Signal)
 	case <-p.group.exited:
 		why = "as a server stopped"
 	case <-p.fromParent.ended():
-		// The old process is gone: this one is all there is.
+		// The old process, our judge, is gone (killed, crashed): this one
+		// holds the listeners and is all there is, so it serves, unjudged,
+		// rather than leave nothing listening.
+		p.log.Warn("probation: the previous process is gone; serving alone, unjudged")
 		return true, "", false
 	}
 	// Leaving on our own: the old process ends the window, and its revert

@@ -106,7 +106,7 @@ func (p *Process) finishUpgrade(start time.Time, newPID int, err error) error {
 		if stale && !serving {
 			removePIDFile(p.opts.PIDFile)
 		}
-		if serving {
+		if serving && !p.drainIsAsked() {
 			p.notify("READY=1", status("upgrade failed, still serving (pid %d): %v", os.Getpid(), err))
 		}
 		return err
@@ -142,11 +142,19 @@ func (p *Process) logUpgradeFailure(err error) {
 		p.log.Warn("upgrade refused", "err", err, "phase", ph.String())
 	case errors.Is(err, ErrDraining):
 		p.log.Warn("upgrade refused: the process is draining", "err", err, "phase", ph.String())
-	case ph.ready():
+	case ph.ready() && !p.drainIsAsked():
 		p.log.Error("upgrade failed; still serving", "err", err)
 	default:
 		p.log.Error("upgrade abandoned: the process is draining", "err", err, "phase", ph.String())
 	}
+}
+
+// drainIsAsked reports whether a drain was requested: an attempt that
+// fails then leaves a process on its way out, not one serving on.
+func (p *Process) drainIsAsked() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.drainAsked
 }
 
 // otherProcess names, for the log, where the drain passes connections.

@@ -5,6 +5,7 @@ package graceful
 import (
 	"context"
 	"net"
+	"time"
 )
 
 // platform is empty where descriptors cannot be passed: the process binds
@@ -32,6 +33,8 @@ func (p *Process) upgrade([]byte, bool) (int, error) { return 0, ErrNotSupported
 func (p *Process) waitParent(context.Context) {}
 
 func (p *Process) notifyReady() error { return nil }
+
+func (p *Process) parentGone(time.Duration) bool { return false }
 
 func (p *Process) stopPlatform() {}
 

@@ -321,6 +321,19 @@ func (p *Process) notifyReady() error {
 	return p.plat.upg.Ready()
 }
 
+// parentGone reports whether the parent has exited (its pipe to us has
+// closed), waiting at most d for it: a Ready that could not reach it says
+// the parent died, and then this process is all that serves.
+func (p *Process) parentGone(d time.Duration) bool {
+	if !p.hasParent() {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	err := p.plat.upg.WaitForParent(ctx)
+	return err == nil || ctx.Err() == nil
+}
+
 // stopPlatform ends upgrades: one in progress is cancelled (its child is
 // killed), and without a successor the Unix socket files are removed. It
 // returns once tableflip has done so.

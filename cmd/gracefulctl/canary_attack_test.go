@@ -136,7 +136,7 @@ func TestCanaryLeaves(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	_, ctl, bin := buildTools(t, ctx)
-	start := func(t *testing.T) (*loadtest.Server, string) {
+	start := func(t *testing.T) (*loadtest.Server, string, string) {
 		sdir := t.TempDir()
 		sock := filepath.Join(sdir, "control.sock")
 		logs, err := os.Create(filepath.Join(sdir, "server.log"))
@@ -153,7 +153,7 @@ func TestCanaryLeaves(t *testing.T) {
 				t.Logf("server logs:\n%s", b)
 			}
 		})
-		return srv, sock
+		return srv, sock, logs.Name()
 	}
 	upgrade := func(sock string) (<-chan string, time.Time) {
 		res := make(chan string, 1)
@@ -166,7 +166,7 @@ func TestCanaryLeaves(t *testing.T) {
 	}
 
 	t.Run("canary stopped", func(t *testing.T) {
-		srv, sock := start(t)
+		srv, sock, _ := start(t)
 		old := srv.PID()
 		load := loadtest.StartLoad(srv.Addr, loadtest.Mix{KeepAliveGET: 8, FreshGET: 4})
 		res, began := upgrade(sock)
@@ -185,7 +185,7 @@ func TestCanaryLeaves(t *testing.T) {
 	})
 
 	t.Run("old process stopped", func(t *testing.T) {
-		srv, sock := start(t)
+		srv, sock, logPath := start(t)
 		res, began := upgrade(sock)
 		canary := waitCanary(t, ctx, sock)
 		require.NoError(t, srv.Signal(syscall.SIGTERM))
@@ -199,6 +199,11 @@ func TestCanaryLeaves(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 		assert.False(t, loadtest.Alive(canary), "the canary exited")
+		// Its log must not say what is false: it drained, it did not
+		// serve on.
+		b, err := os.ReadFile(logPath)
+		require.NoError(t, err)
+		assert.False(t, strings.Contains(string(b), "still serving"), "the old process was told to stop, yet its log says it serves on")
 	})
 }
 
