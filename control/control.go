@@ -51,6 +51,16 @@ func Details(ctx context.Context, path string) (graceful.Status, error) {
 	return st, nil
 }
 
+// ErrNoAnswer is wrapped by the errors of requests that were sent (or may
+// have been) but got no answer: the connection failed, the process exited,
+// or ctx ended. An upgrade asked for may then still go on, and end either
+// way: [Details] tells how it ended.
+var ErrNoAnswer = errors.New("no answer")
+
+// MaxAnswer bounds the length of an answer line the client reads; a
+// longer one is an error.
+const MaxAnswer = 16 << 20
+
 func do(ctx context.Context, path, command string) (string, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", path)
@@ -62,16 +72,19 @@ func do(ctx context.Context, path, command string) (string, error) {
 	defer stop()
 	// A refusal may arrive before the request is read: still read it.
 	_, werr := io.WriteString(conn, command+"\n")
-	line, err := bufio.NewReader(io.LimitReader(conn, 64<<10)).ReadString('\n')
+	line, err := bufio.NewReader(io.LimitReader(conn, MaxAnswer+1)).ReadString('\n')
 	if err != nil {
-		if werr != nil {
+		switch {
+		case len(line) > MaxAnswer:
+			return "", fmt.Errorf("control: %s: answer longer than %d MiB: not read", command, MaxAnswer>>20)
+		case werr != nil:
 			err = werr
-		} else if ctx.Err() != nil {
-			err = ctx.Err()
-		} else if errors.Is(err, io.EOF) {
+		case ctx.Err() != nil:
+			err = context.Cause(ctx)
+		case errors.Is(err, io.EOF):
 			err = errors.New("the process closed the connection without an answer (did it exit?)")
 		}
-		return "", fmt.Errorf("control: %s: %w", command, err)
+		return "", fmt.Errorf("control: %s: %w: %w", command, ErrNoAnswer, err)
 	}
 	line = strings.TrimSuffix(line, "\n")
 	if msg, ok := strings.CutPrefix(line, "ok "); ok {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"debug/elf"
 	"errors"
 	"fmt"
@@ -11,93 +12,307 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
+	"syscall"
+	"time"
 
+	"github.com/graceful-go/graceful"
 	"github.com/graceful-go/graceful/control"
 )
 
-// deploy installs newBinary at the running binary's path (the previous one
-// kept beside it as PATH.previous) and upgrades to it; if the upgrade
-// fails, the previous binary is put back before it returns the error, so
-// that no restart ever starts the refused version.
-func deploy(ctx context.Context, socket, newBinary string) (string, error) {
-	path, err := runningPath(ctx, socket)
-	if err != nil {
-		return "", err
-	}
-	if err := checkExecutable(newBinary); err != nil {
-		return "", err
-	}
-	tmp, err := copyBeside(newBinary, path)
-	if err != nil {
-		return "", err
-	}
-	return install(ctx, socket, path, tmp)
+// This file holds deploy and rollback. What they do on disk, for the file
+// PATH the server runs (A, serving), its PATH.previous (P, or nothing) and
+// the new build N (a checked copy of NEWBINARY, or for a rollback of the
+// file PATH.previous leads to):
+//
+//	before      PATH = A   PATH.previous = P
+//	upgrading   PATH = N   PATH.previous = A   P kept aside as .PATH.stash-PID
+//	succeeded   PATH = N   PATH.previous = A
+//	refused     PATH = A   PATH.previous = P   (the very files of before)
+//
+// One deploy or rollback of PATH at a time (the lock file .PATH.deploy-lock);
+// every step before the upgrade is undone in reverse order when a later one
+// fails; PATH and PATH.previous are never the same file.
+
+// outcomeWait bounds how long an interrupted deploy or rollback still waits
+// for the server's outcome of the upgrade it asked for (a probation may
+// still be judging), so that the disk can match it.
+const outcomeWait = 2 * time.Minute
+
+// deploy installs a checked copy of newBinary at the running binary's path
+// (the replaced one kept as PATH.previous) and upgrades to it; if the
+// upgrade is refused, the files of before are put back.
+func deploy(ctx, hard context.Context, socket, newBinary string, stderr io.Writer) (string, error) {
+	return replace(ctx, hard, socket, newBinary, stderr)
 }
 
-// rollback reinstates PATH.previous and upgrades to it; the binary it
-// replaces becomes PATH.previous, and comes back if the upgrade fails.
-func rollback(ctx context.Context, socket string) (string, error) {
-	path, err := runningPath(ctx, socket)
-	if err != nil {
-		return "", err
-	}
-	prev := path + ".previous"
-	if err := checkExecutable(prev); err != nil {
-		return "", fmt.Errorf("nothing to roll back to: %w", err)
-	}
-	tmp := tmpName(path, "rollback")
-	if err := os.Link(prev, tmp); err != nil {
-		return "", fmt.Errorf("rollback: %w", err)
-	}
-	return install(ctx, socket, path, tmp)
+// rollback reinstates PATH.previous (a copy of the file it leads to) and
+// upgrades to it; the binary it replaces becomes PATH.previous, and both
+// come back if the upgrade is refused.
+func rollback(ctx, hard context.Context, socket string, stderr io.Writer) (string, error) {
+	return replace(ctx, hard, socket, "", stderr)
 }
 
-// install puts tmp (a file in path's directory) at path, keeping what was
-// there as path.previous, and upgrades; on failure it puts the previous
-// binary back.
-func install(ctx context.Context, socket, path, tmp string) (string, error) {
-	prev := path + ".previous"
-	keep := tmpName(path, "previous")
-	if err := os.Link(path, keep); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("keeping the running binary: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		os.Remove(keep)
-		return "", fmt.Errorf("installing at %s: %w", path, err)
-	}
-	if err := os.Rename(keep, prev); err != nil {
-		os.Remove(keep)
-		return "", restore(path, prev, fmt.Errorf("keeping the running binary as %s: %w", prev, err))
-	}
-	msg, err := control.Upgrade(ctx, socket)
-	if err != nil {
-		return "", restore(path, prev, err)
-	}
-	return msg + "; previous binary kept as " + prev, nil
-}
-
-// restore puts prev back at path after cause, and says so.
-func restore(path, prev string, cause error) error {
-	tmp := tmpName(path, "restore")
-	err := os.Link(prev, tmp)
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("%w; and putting the previous binary back at %s failed: %v (it is at %s)", cause, path, err, prev)
-	}
-	return fmt.Errorf("%w; the previous binary is back at %s", cause, path)
-}
-
-// runningPath asks the server which file its upgrades start.
-func runningPath(ctx context.Context, socket string) (string, error) {
+// replace is deploy (src a file) and rollback (src empty: PATH.previous).
+func replace(ctx, hard context.Context, socket, src string, stderr io.Writer) (string, error) {
 	st, err := control.Details(ctx, socket)
 	if err != nil {
 		return "", err
 	}
+	path, err := runningPath(st)
+	if err != nil {
+		return "", err
+	}
+	unlock, err := lock(ctx, path, stderr)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	// Under the lock: the process that serves now, and the file it runs.
+	if st, err = control.Details(ctx, socket); err != nil {
+		return "", err
+	}
+	if now, err := runningPath(st); err != nil {
+		return "", err
+	} else if now != path {
+		return "", fmt.Errorf("the server now runs %s, not %s: run the command again", now, path)
+	}
+	r := &replacement{path: path, prev: path + ".previous", src: src, rollback: src == ""}
+	if r.rollback {
+		r.src = r.prev
+	}
+	if err := r.prepare(); err != nil {
+		return "", err
+	}
+	if err := ctx.Err(); err != nil {
+		r.discard()
+		return "", fmt.Errorf("%w before asking for the upgrade; nothing changed", context.Cause(ctx))
+	}
+	if err := r.install(); err != nil {
+		return "", err
+	}
+	return r.upgrade(ctx, hard, socket, st.PID, stderr)
+}
+
+// replacement is one deploy or rollback of path.
+type replacement struct {
+	path, prev string
+	src        string // NEWBINARY, or PATH.previous for a rollback
+	rollback   bool
+	staged     string // the checked copy of src, beside path
+	hadPrev    bool   // path.previous existed
+	stash      string // where path.previous waits during the upgrade
+}
+
+// prepare checks every file the replacement reads or writes and stages
+// the checked copy of src; it changes nothing else.
+func (r *replacement) prepare() error {
+	fi, err := os.Lstat(r.path)
+	if err != nil {
+		return fmt.Errorf("the running binary: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("the running binary %s is %s, not a regular file", r.path, fileKind(fi))
+	}
+	pi, err := os.Lstat(r.prev)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if r.rollback {
+			return fmt.Errorf("nothing to roll back to: %w", err)
+		}
+	case err != nil:
+		return fmt.Errorf("%s: %w", r.prev, err)
+	case pi.Mode().IsRegular(), pi.Mode()&os.ModeSymlink != 0:
+		// A link is replaced on success (never followed to write), and is
+		// put back as it was on a refusal; a rollback copies its target.
+		r.hadPrev = true
+	default:
+		return fmt.Errorf("%s is %s: the replaced binary is kept there; move it away first", r.prev, fileKind(pi))
+	}
+	for _, name := range []string{r.tmp("keep"), r.tmp("stash")} {
+		if _, err := os.Lstat(name); err == nil {
+			return fmt.Errorf("%s is in the way (left by an interrupted gracefulctl?): remove it first", name)
+		}
+	}
+	staged, sum, err := stage(r.src, r.path, r.tmp("new"))
+	if err != nil {
+		if r.rollback {
+			return fmt.Errorf("nothing to roll back to: %w", err)
+		}
+		return err
+	}
+	r.staged = staged
+	if r.rollback {
+		if cur, err := hashFile(r.path); err == nil && cur == sum {
+			r.discard()
+			return fmt.Errorf("nothing to roll back to: %s holds the same bytes as %s", r.prev, r.path)
+		}
+	}
+	return nil
+}
+
+// install puts the staged copy at path, the running binary at
+// path.previous and what was there aside; on failure it undoes what it
+// did and removes the copy.
+func (r *replacement) install() (err error) {
+	var undo []func() error
+	defer func() {
+		if err == nil {
+			return
+		}
+		for i := len(undo) - 1; i >= 0; i-- {
+			if uerr := undo[i](); uerr != nil {
+				err = fmt.Errorf("%w; and undoing it failed: %v", err, uerr)
+			}
+		}
+		r.discard()
+	}()
+	if r.hadPrev {
+		r.stash = r.tmp("stash")
+		if same(r.path, r.prev) {
+			// Left so by an older gracefulctl: keep a file of its own, so
+			// that a refusal does not give back two names for one file.
+			err = copyFile(r.prev, r.stash)
+		} else {
+			err = os.Link(r.prev, r.stash) // a link itself, not its target
+		}
+		if err != nil {
+			return fmt.Errorf("keeping %s aside: %w", r.prev, err)
+		}
+		undo = append(undo, func() error { return os.Remove(r.stash) })
+	}
+	keep := r.tmp("keep")
+	if err := os.Link(r.path, keep); err != nil {
+		return fmt.Errorf("keeping the running binary: %w", err)
+	}
+	if err := moveOver(keep, r.prev); err != nil {
+		os.Remove(keep)
+		return fmt.Errorf("keeping the running binary as %s: %w", r.prev, err)
+	}
+	undo = append(undo, func() error {
+		if r.hadPrev {
+			return moveOver(r.stash, r.prev)
+		}
+		return os.Remove(r.prev)
+	})
+	if err := os.Rename(r.staged, r.path); err != nil {
+		return fmt.Errorf("installing at %s: %w", r.path, err)
+	}
+	return nil
+}
+
+// restore puts the files of before back after a refused upgrade.
+func (r *replacement) restore() error {
+	if err := moveOver(r.prev, r.path); err != nil {
+		return fmt.Errorf("putting the previous binary back at %s: %v (it is at %s)", r.path, err, r.prev)
+	}
+	if r.hadPrev {
+		if err := moveOver(r.stash, r.prev); err != nil {
+			return fmt.Errorf("putting %s back: %v (it is at %s)", r.prev, err, r.stash)
+		}
+	}
+	return nil
+}
+
+// keep settles the disk after a successful upgrade.
+func (r *replacement) keep() {
+	if r.hadPrev {
+		os.Remove(r.stash)
+	}
+}
+
+// discard removes the staged copy, if any.
+func (r *replacement) discard() {
+	if r.staged != "" {
+		os.Remove(r.staged)
+	}
+}
+
+// upgrade asks the server (whose serving process is pid) to upgrade and
+// makes the disk match the outcome it reached, whatever ends the wait:
+// interrupted (ctx), the command waits for the server's answer at most
+// outcomeWait more (hard ends it sooner), and when no answer comes it asks
+// the server what became of the attempt.
+func (r *replacement) upgrade(ctx, hard context.Context, socket string, pid int, stderr io.Writer) (string, error) {
+	actx, cancel := context.WithCancel(hard)
+	defer cancel()
+	type answer struct {
+		msg string
+		err error
+	}
+	answers := make(chan answer, 1)
+	sent := time.Now()
+	go func() {
+		msg, err := control.Upgrade(actx, socket)
+		answers <- answer{msg, err}
+	}()
+	var a answer
+	var interrupted string
+	select {
+	case a = <-answers:
+	case <-ctx.Done():
+		interrupted = fmt.Sprintf(" (%v after asking for the upgrade: the outcome is the server's)", context.Cause(ctx))
+		fmt.Fprintf(stderr, "gracefulctl: %v after asking for the upgrade: waiting at most %v for the server's outcome, so that %s matches it (interrupt again to stop waiting)\n", context.Cause(ctx), outcomeWait, r.path)
+		t := time.NewTimer(outcomeWait)
+		select {
+		case a = <-answers:
+		case <-t.C:
+			cancel()
+			a = <-answers
+		}
+		t.Stop()
+	}
+	succeeded := func(msg string) (string, error) {
+		r.keep()
+		return msg + "; previous binary kept as " + r.prev + interrupted, nil
+	}
+	refused := func(cause error) (string, error) {
+		if err := r.restore(); err != nil {
+			return "", fmt.Errorf("%w%s; and %v", cause, interrupted, err)
+		}
+		return "", fmt.Errorf("%w%s; the previous binary is back at %s", cause, interrupted, r.path)
+	}
+	if a.err == nil {
+		return succeeded(a.msg)
+	}
+	if !errors.Is(a.err, control.ErrNoAnswer) {
+		return refused(a.err) // the server's answer
+	}
+	// No answer (the process that was asked died, or we stopped waiting):
+	// the server's record of the attempt says how it ended.
+	qctx, qcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer qcancel()
+	st, err := control.Details(qctx, socket)
+	if err != nil {
+		return refused(fmt.Errorf("%w; and asking the server what became of it failed: %v", a.err, err))
+	}
+	u := findAttempt(st, pid, sent)
+	switch {
+	case u == nil:
+		return refused(fmt.Errorf("%w; the server (pid %d) has no record of the upgrade: not started", a.err, st.PID))
+	case u.Outcome == graceful.OutcomeSucceeded:
+		return succeeded(fmt.Sprintf("upgraded: pid %d serving (the server's record; the answer was lost: %v)", u.NewPID, a.err))
+	case u.Outcome == graceful.OutcomeInProgress:
+		r.keep()
+		return "", fmt.Errorf("%w%s; the server had not decided yet (pid %d on probation?): %s holds the new binary and %s the one it replaces; if the upgrade fails, run gracefulctl rollback", a.err, interrupted, u.NewPID, r.path, r.prev)
+	default:
+		return refused(fmt.Errorf("%w; the server's record: %s: %s", a.err, u.Outcome, u.Err))
+	}
+}
+
+// findAttempt returns the server's record of the upgrade of process pid
+// asked for at sent, or nil.
+func findAttempt(st graceful.Status, pid int, sent time.Time) *graceful.UpgradeRecord {
+	for i := len(st.Upgrades) - 1; i >= 0; i-- {
+		if u := &st.Upgrades[i]; u.OldPID == pid && !u.Started.Before(sent) {
+			return u
+		}
+	}
+	return nil
+}
+
+// runningPath returns the file the server's upgrades start.
+func runningPath(st graceful.Status) (string, error) {
 	if st.Executable == "" {
 		return "", errors.New("the server does not say which file it runs (an older version?)")
 	}
@@ -111,38 +326,98 @@ func runningPath(ctx context.Context, socket string) (string, error) {
 	return st.Executable, nil
 }
 
-// checkExecutable refuses what the server could not start: a missing or
-// non-regular file, one without execute permission, or one that is neither
-// an ELF binary for this machine nor a script.
-func checkExecutable(path string) error {
-	fi, err := os.Stat(path)
+// stage copies src to dst (a new file beside path) once and checks the
+// copy: what the server will start is what was checked. It refuses what
+// the server could not start (not a regular file, not executable, neither
+// a program for this machine, whole, nor a script) and a src that changed
+// while it was copied. It returns dst and the copy's SHA-256.
+func stage(src, path, dst string) (string, [32]byte, error) {
+	var sum [32]byte
+	fi, err := os.Stat(src)
 	if err != nil {
-		return err
+		return "", sum, err
 	}
 	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("%s is not a regular file", path)
+		return "", sum, fmt.Errorf("%s is not a regular file", src)
 	}
 	if fi.Mode().Perm()&0o111 == 0 {
-		return fmt.Errorf("%s is not executable (mode %v)", path, fi.Mode().Perm())
+		return "", sum, fmt.Errorf("%s is not executable (mode %v)", src, fi.Mode().Perm())
 	}
+	in, err := os.OpenFile(src, os.O_RDONLY|syscall.O_NONBLOCK, 0) // never blocks on a FIFO put there since
+	if err != nil {
+		return "", sum, err
+	}
+	defer in.Close()
+	before, err := in.Stat()
+	if err != nil {
+		return "", sum, err
+	}
+	if !before.Mode().IsRegular() || !os.SameFile(fi, before) {
+		return "", sum, fmt.Errorf("%s changed while it was being read: run the command again once it is written", src)
+	}
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o755)
+	if err != nil {
+		return "", sum, fmt.Errorf("copying next to %s: %w", path, err)
+	}
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(out, h), in)
+	if err == nil {
+		err = out.Sync()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+		return "", sum, fmt.Errorf("copying next to %s: %w", path, err)
+	}
+	copy(sum[:], h.Sum(nil))
+	// Rewritten in place or replaced while copied: the copy may mix two
+	// builds. Read it again; it must not have moved.
+	again, aerr := hashReader(io.NewSectionReader(in, 0, 1<<62))
+	after, serr := in.Stat()
+	now, nerr := os.Stat(src)
+	if aerr != nil || serr != nil || nerr != nil || again != sum || after.Size() != n || !after.ModTime().Equal(before.ModTime()) || !os.SameFile(before, now) {
+		os.Remove(dst)
+		return "", sum, fmt.Errorf("%s changed while it was being copied: nothing installed; run the command again once it is written", src)
+	}
+	if err := checkProgram(dst, src); err != nil {
+		os.Remove(dst)
+		return "", sum, err
+	}
+	return dst, sum, nil
+}
+
+// checkProgram refuses a file (path, named name in errors) that is neither
+// a whole ELF program for this machine nor a script.
+func checkProgram(path, name string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
 	head := make([]byte, 4)
 	if _, err := io.ReadFull(f, head); err != nil {
-		return fmt.Errorf("%s is too short to be a program", path)
+		return fmt.Errorf("%s is too short to be a program", name)
 	}
 	if bytes.HasPrefix(head, []byte("#!")) {
 		return nil
 	}
 	ef, err := elf.NewFile(f)
 	if err != nil {
-		return fmt.Errorf("%s is not a program for %s/%s: %v", path, runtime.GOOS, runtime.GOARCH, err)
+		return fmt.Errorf("%s is not a program for %s/%s: %v", name, runtime.GOOS, runtime.GOARCH, err)
 	}
 	if want, ok := machines[runtime.GOARCH]; ok && ef.Machine != want {
-		return fmt.Errorf("%s is built for %v, not %s", path, ef.Machine, runtime.GOARCH)
+		return fmt.Errorf("%s is built for %v, not %s", name, ef.Machine, runtime.GOARCH)
+	}
+	for _, p := range ef.Progs {
+		if p.Off+p.Filesz > uint64(fi.Size()) {
+			return fmt.Errorf("%s is not a program for %s/%s: truncated (%d bytes, a segment ends at %d)", name, runtime.GOOS, runtime.GOARCH, fi.Size(), p.Off+p.Filesz)
+		}
 	}
 	return nil
 }
@@ -152,18 +427,20 @@ var machines = map[string]elf.Machine{
 	"riscv64": elf.EM_RISCV, "ppc64le": elf.EM_PPC64, "s390x": elf.EM_S390, "loong64": elf.EM_LOONGARCH,
 }
 
-// copyBeside copies src into a new file in dst's directory, executable,
-// flushed to disk, and returns its name.
-func copyBeside(src, dst string) (string, error) {
+// copyFile copies src to a new file dst with src's permission bits.
+func copyFile(src, dst string) error {
 	in, err := os.Open(src)
 	if err != nil {
-		return "", err
+		return err
 	}
 	defer in.Close()
-	tmp := tmpName(dst, "deploy")
-	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o755)
+	fi, err := in.Stat()
 	if err != nil {
-		return "", fmt.Errorf("copying next to %s: %w", dst, err)
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, fi.Mode().Perm())
+	if err != nil {
+		return err
 	}
 	_, err = io.Copy(out, in)
 	if err == nil {
@@ -173,13 +450,153 @@ func copyBeside(src, dst string) (string, error) {
 		err = cerr
 	}
 	if err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("copying next to %s: %w", dst, err)
+		os.Remove(dst)
 	}
-	return tmp, nil
+	return err
 }
 
-// tmpName is a name in path's directory for a file on its way there.
-func tmpName(path, what string) string {
-	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+"."+what+"-"+strconv.Itoa(os.Getpid()))
+func hashFile(path string) ([32]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return [32]byte{}, err
+	}
+	defer f.Close()
+	return hashReader(f)
+}
+
+func hashReader(r io.Reader) ([32]byte, error) {
+	var sum [32]byte
+	h := sha256.New()
+	if _, err := io.Copy(h, r); err != nil {
+		return sum, err
+	}
+	copy(sum[:], h.Sum(nil))
+	return sum, nil
+}
+
+// moveOver renames from to to. rename(2) does nothing when both names are
+// the same file; from is removed then, so that no name is left behind.
+func moveOver(from, to string) error {
+	if err := os.Rename(from, to); err != nil {
+		return err
+	}
+	if same(from, to) {
+		return os.Remove(from)
+	}
+	return nil
+}
+
+// same reports whether the names a and b are one file (links not
+// followed).
+func same(a, b string) bool {
+	ai, aerr := os.Lstat(a)
+	bi, berr := os.Lstat(b)
+	return aerr == nil && berr == nil && os.SameFile(ai, bi)
+}
+
+func fileKind(fi os.FileInfo) string {
+	switch m := fi.Mode(); {
+	case m.IsDir():
+		return "a directory"
+	case m&os.ModeSymlink != 0:
+		return "a symbolic link"
+	case m&os.ModeNamedPipe != 0:
+		return "a named pipe"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	case m&os.ModeDevice != 0:
+		return "a device"
+	}
+	return "not a regular file"
+}
+
+// tmp is a name in r.path's directory for a file on its way there.
+func (r *replacement) tmp(what string) string {
+	return filepath.Join(filepath.Dir(r.path), "."+filepath.Base(r.path)+"."+what+"-"+strconv.Itoa(os.Getpid()))
+}
+
+// lock takes the lock on deploys and rollbacks of path: the file
+// .PATH.deploy-lock beside it, created whole (a link to a file holding our
+// PID) and removed when done. It waits while another live gracefulctl
+// holds it, saying so once, until ctx ends; a lock whose process is gone
+// (killed) is broken.
+func lock(ctx context.Context, path string, stderr io.Writer) (unlock func(), err error) {
+	name := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".deploy-lock")
+	mine := name + "-" + strconv.Itoa(os.Getpid())
+	if err := os.WriteFile(mine, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		return nil, fmt.Errorf("locking deploys of %s: %w", path, err)
+	}
+	defer os.Remove(mine)
+	mi, err := os.Lstat(mine)
+	if err != nil {
+		return nil, fmt.Errorf("locking deploys of %s: %w", path, err)
+	}
+	unlock = func() {
+		if fi, err := os.Lstat(name); err == nil && os.SameFile(fi, mi) {
+			os.Remove(name)
+		}
+	}
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	said := false
+	for {
+		err := os.Link(mine, name)
+		if err == nil {
+			return unlock, nil
+		}
+		if !errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("locking deploys of %s: %w", path, err)
+		}
+		holder, fi, alive := lockHolder(name)
+		if fi != nil && !alive {
+			breakLock(name, fi)
+			continue
+		}
+		if !said && holder != 0 {
+			fmt.Fprintf(stderr, "gracefulctl: waiting for pid %d's deploy or rollback of %s to end (lock %s)\n", holder, path, name)
+			said = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w while waiting for pid %d's deploy or rollback of %s to end (lock %s); nothing changed", context.Cause(ctx), holder, path, name)
+		case <-t.C:
+		}
+	}
+}
+
+// lockHolder reads the lock file name: the PID it holds, the file, and
+// whether that process still runs.
+func lockHolder(name string) (pid int, fi os.FileInfo, alive bool) {
+	fi, err := os.Lstat(name)
+	if err != nil {
+		return 0, nil, true // gone meanwhile: try again
+	}
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return 0, fi, true
+	}
+	pid, err = strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fi, false // not ours to read: a lock file is written whole
+	}
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		return pid, fi, false
+	}
+	err = p.Signal(syscall.Signal(0))
+	return pid, fi, err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// breakLock removes the stale lock file name, whose file was fi, unless
+// another gracefulctl took the lock meanwhile: it is moved aside first,
+// and put back if it is not the file judged stale.
+func breakLock(name string, fi os.FileInfo) {
+	aside := name + ".stale-" + strconv.Itoa(os.Getpid())
+	if err := os.Rename(name, aside); err != nil {
+		return
+	}
+	if ai, err := os.Lstat(aside); err == nil && !os.SameFile(ai, fi) {
+		os.Link(aside, name) // a fresh lock: give it back
+	}
+	os.Remove(aside)
 }

@@ -12,12 +12,34 @@
 //	gracefulctl -socket /run/myapi/control.sock rollback
 //	gracefulctl supervise -- /usr/local/bin/myapi -addr :8080
 //
-// deploy NEWBINARY checks the file (exists, executable, a program for this
-// machine or a script), installs it atomically at the running binary's
-// path (the replaced one kept as PATH.previous) and upgrades; if the
-// upgrade fails it puts the previous binary back before exiting 1, so that
-// no restart ever starts the refused version. rollback reinstates
-// PATH.previous the same way.
+// deploy NEWBINARY copies the file once beside the running binary's path
+// PATH and checks the copy (a regular executable file, a whole program for
+// this machine or a script, unchanged while it was copied): what the
+// server starts is what was checked. It checks every file it will write
+// (PATH.previous may be absent, a file or a symbolic link, never a
+// directory) before changing anything, then installs the copy atomically
+// at PATH, the replaced binary as PATH.previous, and upgrades. If the
+// upgrade is refused (the new process fails, or a probation rolls it
+// back), PATH and PATH.previous are put back as they were, the very same
+// files, so that no restart ever starts the refused version, and it exits
+// 1. rollback reinstates PATH.previous the same way (a copy of the file it
+// leads to, when it is a symbolic link), and refuses when PATH.previous is
+// missing or holds the running binary's bytes. PATH and PATH.previous are
+// never one file, and no temporary file is left behind.
+//
+// Deploys and rollbacks of one PATH run one at a time: a second one waits
+// for the first to end (saying so), holding the lock file
+// .PATH.deploy-lock beside it; a lock left by a process that no longer
+// runs is broken.
+//
+// Interrupted (SIGINT, SIGTERM, -timeout) after asking for the upgrade,
+// deploy and rollback do not guess: they wait for the server's outcome (at
+// most 2 minutes more; a probation may still be judging; a second signal
+// stops the wait), asking the server's record when the answer is lost, and
+// make the disk match it: exit 0 if the new process serves, 1 with the
+// previous binary back if not. If the server has not decided by then, the
+// new binary stays at PATH, and the message says so. Interrupted before
+// asking, they change nothing.
 //
 // status prints "pid N PHASE" on its first line, then the generation, the
 // build, the uptime and the last upgrades with their outcomes and timings;
@@ -63,7 +85,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("gracefulctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	socket := fs.String("socket", "", "path of the server's control socket (required)")
-	timeout := fs.Duration("timeout", 0, "give up waiting after this long (0: wait for the server's answer, which its UpgradeTimeout bounds)")
+	timeout := fs.Duration("timeout", 0, "give up waiting after this long (0: wait for the server's answer, which its UpgradeTimeout bounds); deploy and rollback then still wait for the server's outcome, at most 2m")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: gracefulctl -socket PATH [-timeout D] upgrade|status [-json]|deploy NEWBINARY|rollback\n       gracefulctl supervise [--] SERVER [ARGS...]\n")
 		fs.PrintDefaults()
@@ -95,12 +117,37 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gracefulctl: unknown command %q (want upgrade, status, deploy or rollback)\n", cmd)
 		return 2
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	// The first signal (or -timeout) ends ctx; deploy and rollback then
+	// still wait for the server's outcome, until a second signal ends hard.
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	hard, hardCancel := context.WithCancelCause(context.Background())
+	defer hardCancel(nil)
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	done := make(chan struct{})
+	watched := make(chan struct{})
+	defer func() { close(done); <-watched }()
+	go func() {
+		defer close(watched)
+		for i := 0; i < 2; i++ {
+			select {
+			case sig := <-sigs:
+				if i == 0 {
+					cancel(fmt.Errorf("interrupted (%v)", sig))
+				} else {
+					hardCancel(fmt.Errorf("interrupted again (%v)", sig))
+				}
+			case <-done:
+				return
+			}
+		}
+	}()
 	if *timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, *timeout)
-		defer cancel()
+		var cancelT context.CancelFunc
+		ctx, cancelT = context.WithTimeoutCause(ctx, *timeout, fmt.Errorf("-timeout %v reached", *timeout))
+		defer cancelT()
 	}
 	start := time.Now()
 	var msg string
@@ -111,9 +158,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "status":
 		msg, err = status(ctx, *socket, asJSON)
 	case "deploy":
-		msg, err = deploy(ctx, *socket, fs.Arg(1))
+		msg, err = deploy(ctx, hard, *socket, fs.Arg(1), stderr)
 	case "rollback":
-		msg, err = rollback(ctx, *socket)
+		msg, err = rollback(ctx, hard, *socket, stderr)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "gracefulctl: %s failed after %v: %v\n", cmd, time.Since(start).Round(time.Millisecond), err)
