@@ -259,6 +259,7 @@ type Process struct {
 	streams streamSet   // OnStream's handlers and the streams received (streams.go)
 
 	successorStreams atomic.Pointer[map[string]bool] // the kinds of stream the new process takes
+	parentStreams    atomic.Pointer[map[string]bool] // a canary's: the kinds the old process takes back
 
 	// Probation (probation.go).
 	stats     *requestStats         // nil unless a probation may judge this process
@@ -269,8 +270,9 @@ type Process struct {
 
 	// parentDelivered tells the inboxes that the parent will hand over
 	// nothing more: its channel ended, or (a canary rolled back) it said
-	// so. Once.
+	// so. Once. parentDone is closed then.
 	parentDelivered func()
+	parentDone      chan struct{}
 }
 
 // created guards the process-wide state: inherited descriptors and the
@@ -372,7 +374,11 @@ func New(opts Options) (*Process, error) {
 	if opts.TicketKeyRotation >= 0 {
 		p.tickets = newTicketKeys(cmp.Or(opts.TicketKeyRotation, DefaultTicketKeyRotation))
 	}
-	p.parentDelivered = sync.OnceFunc(p.inboxes.finish)
+	p.parentDone = make(chan struct{})
+	p.parentDelivered = sync.OnceFunc(func() {
+		p.inboxes.finish()
+		close(p.parentDone)
+	})
 	p.health = newHealth(p.life, opts.CheckTimeout, opts.CheckCache)
 	p.life.beforeDrain = p.beginDrain
 	p.life.onDrain = p.spreadGoodbyes
@@ -500,8 +506,8 @@ func (p *Process) Run(ctx context.Context) error {
 	p.group.start()
 	p.fromParent.receive(p.deliver, p.parentDelivered)
 	if p.takesBack() {
-		// Connections a canary hands back, and its messages.
-		p.toSuccessor.receive(p.inboxes.deliver, func() {})
+		// Connections and streams a canary hands back, and its messages.
+		p.toSuccessor.receive(p.deliver, func() {})
 	}
 	if p.canary != nil {
 		if promoted, reason, alone := p.serveProbation(ctx, drainSig); !promoted {

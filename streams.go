@@ -69,11 +69,13 @@ func (p *Process) OnStream(kind string, handle func(ctx context.Context, c net.C
 		p.addTracker(s.t)
 		p.Add(func() error { <-s.stopped; return nil }, func(ctx context.Context) error {
 			close(s.stopped)
-			// Streams the parent still hands over arrive until its channel
-			// ends (it exited), at most until our deadline.
-			if parent := p.fromParent.ended(); parent != nil { // none in a first generation
+			// Streams the parent still hands over arrive until it said it
+			// sends nothing more: its channel ended (it exited), or, to a
+			// canary rolled back, its revert (it lives on); at most until
+			// our deadline.
+			if p.fromParent != nil { // none in a first generation
 				select {
-				case <-parent:
+				case <-p.parentDone:
 				case <-ctx.Done():
 				}
 			}
@@ -95,15 +97,25 @@ func (p *Process) OnStream(kind string, handle func(ctx context.Context, c net.C
 	s.handlers[kind] = handle
 }
 
+// parentStreamsMessage tells a canary, before it starts, the kinds of
+// stream the old process takes back should it be rolled back.
+const parentStreamsMessage = "\x00streams-back"
+
 // successorTakes records the kinds of stream the new process said it takes.
-func (p *Process) successorTakes(kinds string) {
+func (p *Process) successorTakes(kinds string) { p.successorStreams.Store(streamKindSet(kinds)) }
+
+// parentTakes records, in a canary, the kinds of stream the old process
+// takes back.
+func (p *Process) parentTakes(kinds string) { p.parentStreams.Store(streamKindSet(kinds)) }
+
+func streamKindSet(kinds string) *map[string]bool {
 	m := map[string]bool{}
 	for _, k := range strings.Split(kinds, ",") {
 		if k != "" {
 			m[k] = true
 		}
 	}
-	p.successorStreams.Store(&m)
+	return &m
 }
 
 // streamKinds lists the kinds this process takes, comma-separated.
@@ -119,7 +131,8 @@ func (p *Process) streamKinds() string {
 
 // HandOffStream passes a long-lived connection to the new process while
 // this one hands over (after a successful upgrade, once the stream's
-// goodbye came): c is a connection the handler owns (hijacked from
+// goodbye came), or, in a canary rolled back at the end of its probation
+// ([Options.Probation]), back to the old process, which serves on: c is a connection the handler owns (hijacked from
 // net/http, or received by an OnStream handler), unread the bytes it has
 // read from c and not consumed (a partial message), state what the new
 // process's OnStream handler for kind needs to carry on. Call it at a
@@ -128,14 +141,15 @@ func (p *Process) streamKinds() string {
 // without using it; the client keeps its connection. It fails, and c stays
 // the caller's (to say goodbye on), when there is no new process to take
 // it (no upgrade, [Options.NoHandOff], a platform without descriptor
-// passing), the new process has no handler for kind, c is TLS (its session
+// passing), the process there has no handler for kind, c is TLS (its session
 // cannot move), unread and state exceed 8 KiB together, or sending fails.
 func (p *Process) HandOffStream(kind string, c net.Conn, unread, state []byte) error {
-	if p.life.get() != PhaseHandingOver || p.opts.NoHandOff || p.toSuccessor == nil {
+	to, kinds := p.streamTarget()
+	if to == nil {
 		return errors.New("graceful: HandOffStream: no new process to hand the stream to")
 	}
-	if kinds := p.successorStreams.Load(); kinds == nil || !(*kinds)[kind] {
-		return fmt.Errorf("graceful: HandOffStream: the new process takes no %q streams", kind)
+	if kinds == nil || !(*kinds)[kind] {
+		return fmt.Errorf("graceful: HandOffStream: the %s takes no %q streams", p.otherProcess(), kind)
 	}
 	if _, ok := c.(*tls.Conn); ok {
 		return errors.New("graceful: HandOffStream: a TLS stream cannot be handed over")
@@ -161,7 +175,7 @@ func (p *Process) HandOffStream(kind string, c net.Conn, unread, state []byte) e
 	if tracked && !tc.beginHandOff() {
 		return fmt.Errorf("graceful: HandOffStream: connection already %v", tc.state())
 	}
-	err := p.toSuccessor.sendEntry(entry, inner)
+	err := to.sendEntry(entry, inner)
 	if tracked {
 		if err != nil {
 			tc.to(connHanding, connSeen)
@@ -175,6 +189,19 @@ func (p *Process) HandOffStream(kind string, c net.Conn, unread, state []byte) e
 	}
 	c.Close()
 	return nil
+}
+
+// streamTarget returns where HandOffStream passes a stream, and the kinds
+// the process there takes: the new process during a hand-over, or, from a
+// canary rolled back, the old process; nil when nothing takes streams.
+func (p *Process) streamTarget() (*handoff, *map[string]bool) {
+	switch ph := p.life.get(); {
+	case ph == PhaseHandingOver && !p.opts.NoHandOff && p.toSuccessor != nil:
+		return p.toSuccessor, p.successorStreams.Load()
+	case ph == PhaseHandingBack && p.fromParent != nil:
+		return p.fromParent, p.parentStreams.Load()
+	}
+	return nil, nil
 }
 
 // deliver gives a received connection to its server's inbox, or, for a

@@ -132,6 +132,9 @@ func (p *Process) openHandoffs() error {
 		if msg.text == probationMessage {
 			p.canary = newCanary() // the parent judges us before we take over
 		}
+		if kinds, ok := strings.CutPrefix(msg.text, parentStreamsMessage+" "); ok {
+			p.parentTakes(kinds)
+		}
 		if msg.file != nil {
 			if msg.text == stateFileMessage {
 				p.receiveState(msg.file)
@@ -233,6 +236,12 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 		if judged {
 			if err := p.toSuccessor.sendControl(probationMessage, time.Second); err != nil {
 				p.log.Warn("cannot put the new process on probation", "err", err)
+			}
+			if kinds := p.streamKinds(); kinds != "" {
+				// Streams that land on the canary come back if it is rolled back.
+				if err := p.toSuccessor.sendControl(parentStreamsMessage+" "+kinds, time.Second); err != nil {
+					p.log.Warn("cannot tell the new process the streams it may hand back", "err", err)
+				}
 			}
 		}
 		p.offerState()
