@@ -8,15 +8,18 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // This file holds the server side of the control socket
 // ([Options.ControlSocket]); the client is package control, and the command
-// gracefulctl. The protocol: one request line, "upgrade", "status" or
-// "status-json"; one answer line, "ok <text>" or "error <reason>".
+// gracefulctl. The protocol: one request line of at most 256 bytes, its
+// newline included, "upgrade", "status" or "status-json"; one answer line,
+// "ok <text>" or "error <reason>" (status-json's at most 60 KiB).
 
 // Commands understood by the control socket.
 const (
@@ -32,10 +35,23 @@ const (
 )
 
 // controlRequestTimeout bounds how long a peer may take to send its
-// one-line request; maxControlRequest bounds its length.
+// one-line request, and controlDrainGrace once this process drains (a
+// connection that has not sent its request by then goes to the new
+// process's socket next time: it must not hold our exit);
+// maxControlRequest bounds its length, newline included.
 const (
 	controlRequestTimeout = 5 * time.Second
+	controlDrainGrace     = 500 * time.Millisecond
 	maxControlRequest     = 256
+)
+
+// Bounds of the status-json answer, so that every client reads it (those
+// before MaxAnswer read 64 KiB): an upgrade's error text is cut to
+// maxStatusErr bytes, and the oldest upgrades are left out while the
+// answer is longer than maxStatusAnswer.
+const (
+	maxStatusErr    = 2 << 10
+	maxStatusAnswer = 60 << 10
 )
 
 // listenControl opens the control socket (inherited across upgrades like
@@ -62,7 +78,7 @@ func (p *Process) listenControl(path string) error {
 	return nil
 }
 
-func (p *Process) handleControl(_ context.Context, conn net.Conn) {
+func (p *Process) handleControl(ctx context.Context, conn net.Conn) {
 	log := p.log.With("control", true)
 	reply := func(ok bool, msg string) {
 		word := "error "
@@ -93,11 +109,21 @@ func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 		return
 	}
 	conn.SetReadDeadline(time.Now().Add(controlRequestTimeout))
+	// ctx ends at our drain's goodbyes: a peer that has not sent its
+	// request by then gets a short grace, not the whole timeout.
+	graceOnDrain := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Now().Add(controlDrainGrace)) })
 	line, err := bufio.NewReader(io.LimitReader(conn, maxControlRequest+1)).ReadString('\n')
+	graceOnDrain()
+	if len(line) > maxControlRequest {
+		msg := fmt.Sprintf("graceful: control socket: request longer than %d bytes", maxControlRequest)
+		log.Warn("control socket: bad request", "peer_pid", pid, "err", msg)
+		reply(false, msg)
+		return
+	}
 	if err != nil {
 		msg := "graceful: control socket: no request line: " + err.Error()
-		if len(line) > maxControlRequest {
-			msg = fmt.Sprintf("graceful: control socket: request longer than %d bytes", maxControlRequest)
+		if ctx.Err() != nil && len(line) == 0 {
+			msg = "graceful: control socket: no request before this process began to drain; connect again"
 		}
 		log.Warn("control socket: bad request", "peer_pid", pid, "err", msg)
 		reply(false, msg)
@@ -129,7 +155,7 @@ func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 	case controlStatus:
 		reply(true, "pid "+strconv.Itoa(os.Getpid())+" "+p.life.get().String())
 	case controlStatusJSON:
-		b, err := json.Marshal(p.Status())
+		b, err := statusAnswer(p.Status())
 		if err != nil {
 			reply(false, "graceful: control socket: "+err.Error())
 			return
@@ -138,5 +164,28 @@ func (p *Process) handleControl(_ context.Context, conn net.Conn) {
 	default:
 		log.Warn("control socket: unknown command", "peer_pid", pid, "command", strconv.Quote(cmd))
 		reply(false, fmt.Sprintf("graceful: control socket: unknown command %q (want %q, %q or %q)", cmd, controlUpgrade, controlStatus, controlStatusJSON))
+	}
+}
+
+// statusAnswer encodes st for the control socket within maxStatusAnswer:
+// each upgrade's error cut to maxStatusErr bytes (saying so), then the
+// oldest upgrades left out. The binary's path (PATH_MAX) always fits.
+func statusAnswer(st Status) ([]byte, error) {
+	st.Upgrades = slices.Clone(st.Upgrades)
+	for i, u := range st.Upgrades {
+		if len(u.Err) > maxStatusErr {
+			cut := maxStatusErr
+			for cut > 0 && !utf8.RuneStart(u.Err[cut]) {
+				cut--
+			}
+			st.Upgrades[i].Err = fmt.Sprintf("%s… (%d more bytes)", u.Err[:cut], len(u.Err)-cut)
+		}
+	}
+	for {
+		b, err := json.Marshal(st)
+		if err != nil || len(b) <= maxStatusAnswer || len(st.Upgrades) == 0 {
+			return b, err
+		}
+		st.Upgrades = st.Upgrades[1:]
 	}
 }

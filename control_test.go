@@ -60,6 +60,9 @@ func TestControlSocket(t *testing.T) {
 	t.Run("garbage", func(t *testing.T) {
 		assert.Contains(t, rawControl(t, sock, "\x00\xffreboot now\n"), `error graceful: control socket: unknown command "\x00\xffreboot now"`)
 		assert.Contains(t, rawControl(t, sock, strings.Repeat("upgrade", 100)), "error graceful: control socket: request longer than 256 bytes")
+		// At most 256 bytes, the newline included (issue 20).
+		assert.Contains(t, rawControl(t, sock, strings.Repeat("s", 256)+"\n"), "error graceful: control socket: request longer than 256 bytes")
+		assert.Contains(t, rawControl(t, sock, strings.Repeat("s", 255)+"\n"), `error graceful: control socket: unknown command "sss`)
 		assert.Contains(t, rawControl(t, sock, "upgrade"), "error graceful: control socket: no request line", "a request must end with a newline")
 		assert.Contains(t, rawControl(t, sock, "\n"), `unknown command ""`)
 		assert.Contains(t, rawControl(t, sock, "UPGRADE\n"), `unknown command "UPGRADE" (want "upgrade", "status" or "status-json")`)
