@@ -47,9 +47,14 @@ const (
 	// After an upgrade the successor reports it too, once told: the process
 	// that serves, and is watched, learns how its predecessor drained.
 	EventDrainFinished
+	// EventProbation: this process (PID, Generation) is a new version on
+	// probation (see [Options.Probation]): it serves the share of the
+	// connections the old process hands it, until promoted (then
+	// EventServing) or rolled back.
+	EventProbation
 )
 
-var eventNames = [...]string{"", "serving", "upgrade-started", "upgrade-succeeded", "upgrade-failed", "drain-started", "drain-finished"}
+var eventNames = [...]string{"", "serving", "upgrade-started", "upgrade-succeeded", "upgrade-failed", "drain-started", "drain-finished", "probation"}
 
 func (k EventKind) String() string {
 	if k > 0 && int(k) < len(eventNames) {
@@ -364,6 +369,13 @@ func (p *Process) inherit(body string) {
 	r.status.Upgrades = st.Upgrades
 	r.status.Totals = st.Totals
 	r.status.Totals.EventsDropped = 0 // ours are counted by our queue
+}
+
+// probationBegan tells the events that this process, a canary, serves its
+// share: its own metrics (the generation) are scraped from now on.
+func (p *Process) probationBegan() {
+	st := p.Status()
+	p.emit(Event{Kind: EventProbation, Time: time.Now(), PID: st.PID, Generation: st.Generation, Totals: st.Totals})
 }
 
 // declaredServing records that this process serves: after an upgrade, the

@@ -201,8 +201,11 @@ type Options struct {
 	TicketKeyRotation time.Duration
 
 	// MaxStateSize bounds the state (see [Process.OfferState]) a new
-	// process reads from its predecessor: more is refused whole, logged,
-	// and the process starts cold. Zero means [DefaultMaxStateSize].
+	// process reads from its predecessor, counting the payloads together
+	// (not the file's framing): more is refused whole, logged, and the
+	// process starts cold. A process whose own payloads exceed it does not
+	// write them at all (a successor with the same limit would refuse
+	// them). Zero means [DefaultMaxStateSize].
 	MaxStateSize int64
 
 	// DrainSignals make [Process.Run] drain and return. One that arrives

@@ -776,6 +776,7 @@ func newCanary() *canary {
 func (p *Process) serveProbation(ctx context.Context, drainSig <-chan os.Signal) (promoted bool, why string, alone bool) {
 	c := p.canary
 	p.life.enter(PhaseProbation)
+	p.probationBegan()
 	p.log.Info("on probation: serving the connections the previous process hands over")
 	if err := p.fromParent.sendControl(candidateMessage+" "+strconv.Itoa(os.Getpid()), reportTimeout); err != nil {
 		if p.parentGone(time.Second) {

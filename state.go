@@ -166,9 +166,15 @@ func takeSnapshot(snapshot func() ([]byte, error), d time.Duration) ([]byte, err
 	}
 }
 
+// maxStateFraming bounds what a state file holds besides its payloads: the
+// magic, and each payload's name and header.
+const maxStateFraming = int64(len(stateMagic)) + maxStatePayloads*(2+255+16)
+
 // writeState takes a snapshot of every offer and writes them to f; it
-// returns how many it wrote and their size.
-func (p *Process) writeState(f io.Writer) (n int, size int64, err error) {
+// returns how many it wrote and the file's size. Payloads of more than
+// limit bytes in all (Options.MaxStateSize: a successor that shares it
+// would refuse them) are not written at all: it fails before writing.
+func (p *Process) writeState(f io.Writer, limit int64) (n int, size int64, err error) {
 	p.state.mu.Lock()
 	names := make([]string, 0, len(p.state.offers))
 	for name := range p.state.offers {
@@ -180,18 +186,32 @@ func (p *Process) writeState(f io.Writer) (n int, size int64, err error) {
 	}
 	p.state.mu.Unlock()
 	slices.Sort(names)
+	snaps := make([][]byte, len(names))
+	var total int64
+	for i, name := range names {
+		start := time.Now()
+		data, err := takeSnapshot(offers[name].snapshot, snapshotTimeout)
+		if err != nil {
+			p.log.Warn("state not offered: its snapshot failed; the new process starts cold for it", "name", name, "err", err)
+			names[i] = "" // left out
+			continue
+		}
+		snaps[i] = data
+		total += int64(len(data))
+		p.log.Debug("state snapshot", "name", name, "bytes", len(data), "took", time.Since(start))
+	}
+	if total > limit {
+		return 0, 0, fmt.Errorf("state of %d bytes is over the limit of %d (Options.MaxStateSize); nothing written", total, limit)
+	}
 	if _, err := io.WriteString(f, stateMagic); err != nil {
 		return 0, 0, err
 	}
 	size = int64(len(stateMagic))
-	for _, name := range names {
-		o := offers[name]
-		start := time.Now()
-		data, err := takeSnapshot(o.snapshot, snapshotTimeout)
-		if err != nil {
-			p.log.Warn("state not offered: its snapshot failed; the new process starts cold for it", "name", name, "err", err)
+	for i, name := range names {
+		if name == "" {
 			continue
 		}
+		o, data := offers[name], snaps[i]
 		var hdr bytes.Buffer
 		binary.Write(&hdr, binary.BigEndian, uint16(len(name)))
 		hdr.WriteString(name)
@@ -205,7 +225,8 @@ func (p *Process) writeState(f io.Writer) (n int, size int64, err error) {
 		}
 		n++
 		size += int64(hdr.Len() + len(data))
-		p.log.Debug("state offered", "name", name, "version", o.version, "bytes", len(data), "snapshot", time.Since(start))
+		snaps[i] = nil
+		p.log.Debug("state offered", "name", name, "version", o.version, "bytes", len(data))
 	}
 	return n, size, nil
 }

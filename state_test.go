@@ -27,7 +27,7 @@ func TestStateFile(t *testing.T) {
 	assert.ErrorContains(t, p.OfferState(strings.Repeat("n", 256), 1, func() ([]byte, error) { return nil, nil }), "want 1 to 255 bytes")
 	assert.ErrorContains(t, p.OfferState("x", 1, nil), "nil snapshot")
 	var buf bytes.Buffer
-	n, size, err := p.writeState(&buf)
+	n, size, err := p.writeState(&buf, 1000) // the limit counts the payloads, not the file's framing
 	require.NoError(t, err)
 	assert.Equal(t, 2, n, "the broken snapshot is left out")
 	assert.Equal(t, int64(buf.Len()), size)
@@ -71,12 +71,19 @@ func TestStateFile(t *testing.T) {
 	if runtime.GOOS == "linux" {
 		assert.Error(t, err, "sealed: no more writes")
 	}
-	_, _, err = readState(f, int64(len(whole))-1)
-	assert.ErrorContains(t, err, "over the limit")
-	got, mapping, err := readState(f, int64(len(whole)))
+	_, _, err = readState(f, 999)
+	assert.ErrorContains(t, err, "state of 1000 bytes is over the limit of 999")
+	got, mapping, err := readState(f, 1000)
 	require.NoError(t, err)
 	assert.Len(t, got, 2)
 	defer unmapState(mapping)
+
+	// Over the limit, nothing is written: the old process does not spend
+	// the time to write what its successor would refuse.
+	var over bytes.Buffer
+	_, _, err = p.writeState(&over, 999)
+	assert.ErrorContains(t, err, "state of 1000 bytes is over the limit of 999")
+	assert.Zero(t, over.Len(), "nothing written")
 
 	// Duplicate names, and too many payloads.
 	dup := append(append([]byte(nil), whole...), whole[len(stateMagic):]...)

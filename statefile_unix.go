@@ -21,8 +21,8 @@ func readState(f *os.File, limit int64) (map[string]statePayload, []byte, error)
 		return nil, nil, err
 	}
 	size := fi.Size()
-	if size > limit {
-		return nil, nil, fmt.Errorf("state of %d bytes is over the limit of %d (Options.MaxStateSize)", size, limit)
+	if size > limit+maxStateFraming {
+		return nil, nil, fmt.Errorf("state file of %d bytes is over the limit of %d (Options.MaxStateSize)", size, limit)
 	}
 	if size == 0 {
 		return nil, nil, fmt.Errorf("empty state file")
@@ -32,6 +32,15 @@ func readState(f *os.File, limit int64) (map[string]statePayload, []byte, error)
 		return nil, nil, fmt.Errorf("mapping the state: %w", err)
 	}
 	got, err := parseState(b)
+	if err == nil {
+		var total int64
+		for _, pl := range got {
+			total += int64(len(pl.data))
+		}
+		if total > limit {
+			err = fmt.Errorf("state of %d bytes is over the limit of %d (Options.MaxStateSize)", total, limit)
+		}
+	}
 	if err != nil {
 		unix.Munmap(b)
 		return nil, nil, err

@@ -418,7 +418,7 @@ func (p *Process) offerState() {
 		return
 	}
 	defer f.Close()
-	n, size, err := p.writeState(f)
+	n, size, err := p.writeState(f, p.opts.MaxStateSize)
 	if err == nil {
 		err = sealState(f)
 	}

@@ -82,8 +82,8 @@ func (m *Metrics) Observe(e graceful.Event) {
 	m.totals = maxTotals(m.totals, e.Totals) // counters never go back
 	m.dropped += e.Dropped
 	switch e.Kind {
-	case graceful.EventServing:
-		m.generation = e.Generation
+	case graceful.EventServing, graceful.EventProbation:
+		m.generation = e.Generation // a canary's own, while it serves its share
 	case graceful.EventDrainStarted:
 		m.inFlight = e.Drain.InFlight
 	case graceful.EventDrainFinished:
