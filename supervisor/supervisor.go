@@ -16,11 +16,33 @@
 // container); it relays
 // READY=1, RELOADING=1, STOPPING=1, EXTEND_TIMEOUT_USEC=, WATCHDOG=1 and
 // the current generation's STATUS= to its own manager, never MAINPID=, so
-// that its own PID stays the main one. When the current generation exits
-// without a successor, the supervisor exits with its status (128+N for a
-// signal N); one that dies while still its predecessor's child (its status
-// goes there) makes it exit 1. It needs /proc to show its PID namespace
-// (as PID 1, a /proc of the container's own).
+// that its own PID stays the main one. Its notify socket is an abstract
+// one, which any local process may send to: a datagram is read only to be
+// dropped unless the kernel's credentials say it comes from the service (a
+// generation it knows, or a descendant running as a user the service runs
+// as), and no datagram, however many, delays signal forwarding.
+//
+// When the current generation exits without a successor, the supervisor
+// exits with its status (128+N for a signal N); one that dies while still
+// its predecessor's child (its status goes there) makes it exit 1. Either
+// way, an older generation still draining is waited for first (at most
+// the EXTEND_TIMEOUT_USEC= it announced, else 90 s), its manager told
+// STOPPING=1: exiting would orphan it, and as PID 1 the kernel would kill
+// it. A server command that exits 0 before any READY=1 while processes it
+// started live on (sh -c 'server & exit 0') is followed to the one that
+// declares itself ready within 60 s; if none does, the supervisor says so
+// and exits 1. It needs /proc to show its PID namespace (as PID 1, a /proc
+// of the container's own).
+//
+// The server must not outlive its supervisor, even one killed by SIGKILL,
+// and a parent-death signal cannot do it (every generation after the first
+// is its predecessor's child). So before the server the supervisor starts
+// a warden, its own binary again (see [Trampoline]), which holds the read
+// end of a pipe only the supervisor writes to: when Run returns or the
+// supervisor dies, whatever is left of the server's process group (every
+// generation shares the first one's) is sent SIGTERM, so that it drains as
+// at a stop, releasing its listeners and socket files for the next start,
+// and SIGKILL 90 s later.
 //
 // Sockets passed by socket activation (LISTEN_FDS) are passed on to the
 // first generation, with LISTEN_PID naming it. The supervisor does not

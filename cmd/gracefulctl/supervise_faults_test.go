@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -306,5 +305,3 @@ func TestSuperviseDrainingGenerationPID1(t *testing.T) {
 	}
 	t.Logf("exited %v after the SIGHUP", time.Since(start).Round(time.Millisecond))
 }
-
-var _ = strings.Contains
