@@ -247,11 +247,9 @@ func (r *replacement) upgrade(ctx, hard context.Context, socket string, pid int,
 		answers <- answer{msg, err}
 	}()
 	var a answer
-	var interrupted string
 	select {
 	case a = <-answers:
 	case <-ctx.Done():
-		interrupted = fmt.Sprintf(" (%v after asking for the upgrade: the outcome is the server's)", context.Cause(ctx))
 		fmt.Fprintf(stderr, "gracefulctl: %v after asking for the upgrade: waiting at most %v for the server's outcome, so that %s matches it (interrupt again to stop waiting)\n", context.Cause(ctx), outcomeWait, r.path)
 		t := time.NewTimer(outcomeWait)
 		select {
@@ -261,6 +259,10 @@ func (r *replacement) upgrade(ctx, hard context.Context, socket string, pid int,
 			a = <-answers
 		}
 		t.Stop()
+	}
+	var interrupted string
+	if ctx.Err() != nil {
+		interrupted = fmt.Sprintf(" (%v after asking for the upgrade; the disk follows the server's outcome)", context.Cause(ctx))
 	}
 	succeeded := func(msg string) (string, error) {
 		r.keep()
@@ -280,23 +282,53 @@ func (r *replacement) upgrade(ctx, hard context.Context, socket string, pid int,
 	}
 	// No answer (the process that was asked died, or we stopped waiting):
 	// the server's record of the attempt says how it ended.
-	qctx, qcancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer qcancel()
-	st, err := control.Details(qctx, socket)
-	if err != nil {
-		return refused(fmt.Errorf("%w; and asking the server what became of it failed: %v", a.err, err))
+	if hard.Err() != nil {
+		fmt.Fprintf(stderr, "gracefulctl: %v: asking the server once how the upgrade ended\n", a.err)
+	} else {
+		fmt.Fprintf(stderr, "gracefulctl: %v: asking the server how the upgrade ended (at most %v)\n", a.err, outcomeWait)
 	}
-	u := findAttempt(st, pid, sent)
+	u, err := awaitRecord(hard, socket, pid, sent)
 	switch {
+	case err != nil:
+		return refused(fmt.Errorf("%w; and asking the server how it ended failed: %v", a.err, err))
 	case u == nil:
-		return refused(fmt.Errorf("%w; the server (pid %d) has no record of the upgrade: not started", a.err, st.PID))
+		return refused(fmt.Errorf("%w; the server has no record of the upgrade: not started", a.err))
 	case u.Outcome == graceful.OutcomeSucceeded:
-		return succeeded(fmt.Sprintf("upgraded: pid %d serving (the server's record; the answer was lost: %v)", u.NewPID, a.err))
+		return succeeded(fmt.Sprintf("upgraded: pid %d serving (the server's record; its answer was lost: %v)", u.NewPID, a.err))
 	case u.Outcome == graceful.OutcomeInProgress:
 		r.keep()
-		return "", fmt.Errorf("%w%s; the server had not decided yet (pid %d on probation?): %s holds the new binary and %s the one it replaces; if the upgrade fails, run gracefulctl rollback", a.err, interrupted, u.NewPID, r.path, r.prev)
+		return "", fmt.Errorf("%w%s; the server had not decided when the command stopped waiting (pid %d on probation?): %s holds the new binary and %s the one it replaces; if the upgrade fails, run gracefulctl rollback", a.err, interrupted, u.NewPID, r.path, r.prev)
 	default:
 		return refused(fmt.Errorf("%w; the server's record: %s: %s", a.err, u.Outcome, u.Err))
+	}
+}
+
+// awaitRecord asks the server for its record of the upgrade of process
+// pid asked for at sent until it has ended, for at most outcomeWait (hard
+// ends it sooner, after one try): the record, nil if there is none (not
+// started), or the last error if the server could not be asked.
+func awaitRecord(hard context.Context, socket string, pid int, sent time.Time) (*graceful.UpgradeRecord, error) {
+	deadline := time.NewTimer(outcomeWait)
+	defer deadline.Stop()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		st, err := control.Details(qctx, socket)
+		cancel()
+		var u *graceful.UpgradeRecord
+		if err == nil {
+			if u = findAttempt(st, pid, sent); u == nil || u.Outcome != graceful.OutcomeInProgress {
+				return u, nil
+			}
+		}
+		select {
+		case <-hard.Done():
+		case <-deadline.C:
+		case <-tick.C:
+			continue
+		}
+		return u, err
 	}
 }
 
