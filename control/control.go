@@ -23,7 +23,9 @@ import (
 // until ctx ends (the process's UpgradeTimeout bounds it too). It returns the
 // answer's text once the new process is ready ("upgraded: pid N ready after
 // D; pid M draining"), or an error carrying the reason the upgrade failed;
-// the old process keeps serving then.
+// the old process keeps serving then. An error wrapping [ErrNoAnswer] says
+// that no answer came (the process exited, or ctx ended): the upgrade may
+// still go on, and [Details] tells how it ended.
 func Upgrade(ctx context.Context, path string) (string, error) {
 	return do(ctx, path, "upgrade")
 }
