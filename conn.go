@@ -243,6 +243,11 @@ func (t *tracker) setHTTPState(c net.Conn, s http.ConnState) {
 	tc.tls = tlsConn
 	tc.http = s
 	tc.preDrain = false
+	if sc, ok := tc.Conn.(*slottedConn); ok {
+		// A canary's connection: idle on the board only when nothing of
+		// the next request has been read (fresh, no held byte).
+		sc.httpState(s, tlsConn == nil && !tc.h2.Load() && connState(tc.word.Load())&^readingBit == connFresh)
+	}
 	if s == http.StateIdle {
 		tc.since = time.Now()
 		if tc.state() == connSeen && t.draining.Load() {

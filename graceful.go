@@ -269,6 +269,7 @@ type Process struct {
 	trial     atomic.Pointer[trial] // the probation of the attempt in progress
 	canary    *canary               // set at New when this process is on probation
 	drainBy   time.Time             // a canary's drain ends by then (guarded by mu)
+	board     atomic.Pointer[board] // a canary's, until promoted (probation_board.go)
 	lastHello atomic.Int64          // the PID the new process said, with a receive loop
 
 	// parentDelivered tells the inboxes that the parent will hand over
@@ -507,7 +508,7 @@ func (p *Process) Run(ctx context.Context) error {
 		return errors.Join(fmt.Errorf("graceful: not ready: %w", err), p.drain("not ready"))
 	}
 	p.group.start()
-	p.fromParent.receive(p.deliver, p.parentDelivered)
+	p.fromParent.receive(p.deliverFromParent, p.parentDelivered)
 	if p.takesBack() {
 		// Connections and streams a canary hands back, and its messages.
 		p.toSuccessor.receive(p.deliver, func() {})
@@ -643,6 +644,7 @@ func (p *Process) declareReady() error {
 	p.life.enter(PhaseServing)
 	if p.canary != nil {
 		p.canary.once.Do(func() { close(p.canary.open) })
+		p.board.Store(nil) // promoted: the old process keeps no duplicates any more
 	}
 	p.declaredServing()
 	p.log.Info("ready", "inherited", p.hasParent(), "generation", p.generation())

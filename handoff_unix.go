@@ -119,6 +119,9 @@ func (h *handoff) sendEntry(entry string, c net.Conn) error {
 	if h == nil {
 		return errNoHandoff
 	}
+	if s, ok := c.(*slottedConn); ok {
+		s.handing() // a canary's connection, handed back: its slot is done
+	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return fmt.Errorf("hand-off: %T has no descriptor", c)

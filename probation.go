@@ -420,6 +420,7 @@ type trial struct {
 	serving atomic.Bool // the window began: the canary serves clients
 	verdict string      // the rollback's reason; "" when promoted or not judged
 	div     *diverter
+	keep    *keeper // duplicates of what the canary holds; nil if none could be made
 }
 
 // beginTrial starts the probation of the attempt that starts at start, or
@@ -429,6 +430,11 @@ func (p *Process) beginTrial(start time.Time) *trial {
 		return nil
 	}
 	tr := &trial{p: p, start: start, candidate: make(chan int, 1), report: make(chan ProbationStats, 1), back: make(chan struct{}, 1), ended: make(chan struct{}), done: make(chan struct{}), abort: make(chan abortRequest, 1)}
+	if k, err := newKeeper(); err != nil {
+		p.log.Warn("probation: no board; if the new process dies, what it holds dies with it", "err", err)
+	} else {
+		tr.keep = k
+	}
 	p.trial.Store(tr)
 	go tr.run()
 	return tr
@@ -460,7 +466,7 @@ wait:
 	latest := tr.deadline().Add(-time.Until(tr.deadline()) / 2)
 	end := earlier(tr.began.Add(p.opts.Probation), latest)
 	base := p.stats.snapshot()
-	tr.div = &diverter{share: p.opts.CanaryShare, send: p.toSuccessor.send, keep: p.inboxes.deliver, log: p.log}
+	tr.div = &diverter{share: p.opts.CanaryShare, send: tr.send, keep: p.inboxes.deliver, log: p.log}
 	var canary ProbationStats
 	var err error
 	if early != nil {
@@ -473,6 +479,18 @@ wait:
 		p.toSuccessor.setPatience(time.Second)
 		p.startDivert(tr.div)
 		defer p.stopDivert()
+		if tr.keep != nil {
+			// Duplicates of what the canary is done with are closed as it goes.
+			stop, pruned := make(chan struct{}), make(chan struct{})
+			go func() {
+				defer close(pruned)
+				tr.keep.pruneEvery(250*time.Millisecond, stop)
+			}()
+			defer func() {
+				close(stop)
+				<-pruned
+			}()
+		}
 	}
 	for extended := false; err == nil; extended = true {
 		if err = tr.sleep(time.Until(end)); err != nil {
@@ -548,6 +566,30 @@ wait:
 	if err := p.toSuccessor.sendControl(revertMessage+" "+string(b), reportTimeout); err != nil {
 		p.log.Error("probation: cannot tell the new process to roll back; it is stopped", "err", err)
 		tr.kill()
+	}
+}
+
+// send passes c to the canary, keeping a duplicate of its descriptor when
+// there is a board.
+func (tr *trial) send(key string, c net.Conn) error {
+	if tr.keep == nil {
+		return tr.p.toSuccessor.send(key, c)
+	}
+	return tr.keep.send(tr.p.toSuccessor, key, c)
+}
+
+// rescue serves, once the canary is dead, the connections it held idle or
+// never read (see probation_board.go); it closes every duplicate. A canary
+// still alive (tableflip returns as soon as it has sent SIGKILL) is waited
+// for, briefly: while it lives nothing is rescued.
+func (tr *trial) rescue() {
+	p := tr.p
+	defer tr.keep.closeAll()
+	if tr.pid == 0 || tr.keep.empty() || !processGone(tr.pid, 2*time.Second) {
+		return
+	}
+	if served, lost := tr.keep.rescue(p.inboxes.deliver); served+lost > 0 {
+		p.log.Warn("probation: the new process died; the connections it held idle or had not read are served here, those in mid-request are lost", "served", served, "lost", lost)
 	}
 }
 
@@ -641,7 +683,8 @@ func (tr *trial) end(err error) error {
 		tr.div.wg.Wait()
 	}
 	if err == nil {
-		return nil // the drain passes every idle connection on from now
+		tr.keep.closeAll() // promoted: what it holds is its own
+		return nil         // the drain passes every idle connection on from now
 	}
 	p.endDivert()
 	if tr.verdict != "" && !tr.killed && !tr.alone {
@@ -655,6 +698,9 @@ func (tr *trial) end(err error) error {
 		t.Stop()
 	}
 	p.reclaim()
+	if tr.keep != nil {
+		tr.rescue()
+	}
 	switch {
 	case tr.verdict != "":
 		return &rollbackError{fmt.Sprintf("rolled back after %v: %s", tr.judged.Sub(tr.began).Round(100*time.Millisecond), tr.verdict)}

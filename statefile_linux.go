@@ -9,12 +9,15 @@ import (
 
 // stateFile makes the file the state travels in: a memfd, in memory, never
 // on disk, close-on-exec.
-func stateFile() (*os.File, error) {
-	fd, err := unix.MemfdCreate("graceful-state", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+func stateFile() (*os.File, error) { return memFile("graceful-state") }
+
+// memFile makes a memfd named name (as /proc shows it).
+func memFile(name string) (*os.File, error) {
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return nil, os.NewSyscallError("memfd_create", err)
 	}
-	return os.NewFile(uintptr(fd), "graceful-state"), nil
+	return os.NewFile(uintptr(fd), name), nil
 }
 
 // stateSeals make the state file immutable: once the new process has

@@ -6,8 +6,11 @@ import "os"
 
 // stateFile makes the file the state travels in: a temporary file, removed
 // at once (its descriptor keeps it).
-func stateFile() (*os.File, error) {
-	f, err := os.CreateTemp("", "graceful-state-")
+func stateFile() (*os.File, error) { return memFile("graceful-state") }
+
+// memFile makes a temporary file, removed at once.
+func memFile(name string) (*os.File, error) {
+	f, err := os.CreateTemp("", name+"-")
 	if err != nil {
 		return nil, err
 	}

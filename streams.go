@@ -204,6 +204,15 @@ func (p *Process) streamTarget() (*handoff, *map[string]bool) {
 	return nil, nil
 }
 
+// deliverFromParent delivers what the parent hands over; a canary gives
+// each connection a slot on the probation's board first.
+func (p *Process) deliverFromParent(key string, c net.Conn) {
+	if b := p.board.Load(); b != nil && !strings.HasPrefix(key, streamKeyPrefix) {
+		c = b.register(c)
+	}
+	p.deliver(key, c)
+}
+
 // deliver gives a received connection to its server's inbox, or, for a
 // stream, to its OnStream handler.
 func (p *Process) deliver(key string, c net.Conn) {

@@ -139,6 +139,9 @@ func (p *Process) openHandoffs() error {
 			if msg.text == stateFileMessage {
 				p.receiveState(msg.file)
 			}
+			if msg.text == boardMessage && p.canary != nil {
+				p.takeBoard(msg.file) // mapped: the file may close
+			}
 			msg.file.Close()
 		}
 	}
@@ -237,6 +240,11 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 			if err := p.toSuccessor.sendControl(probationMessage, time.Second); err != nil {
 				p.log.Warn("cannot put the new process on probation", "err", err)
 			}
+			if tr := p.trial.Load(); tr != nil && tr.keep != nil {
+				if err := p.toSuccessor.sendFile(boardMessage, tr.keep.b.file, time.Second); err != nil {
+					p.log.Warn("probation: cannot pass the board; if the new process dies, what it holds dies with it", "err", err)
+				}
+			}
 			if kinds := p.streamKinds(); kinds != "" {
 				// Streams that land on the canary come back if it is rolled back.
 				if err := p.toSuccessor.sendControl(parentStreamsMessage+" "+kinds, time.Second); err != nil {
@@ -291,7 +299,15 @@ func (p *Process) reclaim() {
 	if p.plat.peer == nil {
 		return
 	}
-	n := receiveQueued(p.plat.peer, p.inboxes.deliver)
+	deliver := p.inboxes.deliver
+	if tr := p.trial.Load(); tr != nil && tr.keep != nil {
+		// Unread: served from this descriptor, not from the duplicate.
+		deliver = func(key string, c net.Conn) {
+			tr.keep.forget(c)
+			p.inboxes.deliver(key, c)
+		}
+	}
+	n := receiveQueued(p.plat.peer, deliver)
 	if n > 0 {
 		p.log.Info("connections the new process never read: served here", "conns", n)
 	}

@@ -1,12 +1,19 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -134,4 +141,119 @@ func TestCanaryJudgeKilled(t *testing.T) {
 	assert.Zero(t, st.Failed(), "%v %v", st.Failures, st.Samples)
 	srv.Follow()
 	assert.NotEqual(t, canary, srv.PID())
+}
+
+// TestCanaryDiesIdleConnectionsLive: a canary that dies (SIGKILL: a
+// panic, the OOM killer) while it holds idle keep-alive connections. The
+// old process kept a duplicate of every connection it handed over, and the
+// board says which were idle: it serves them, so that the clients'
+// next requests, on the same connections, are answered. Only a request in
+// flight on the canary as it died may be lost; here none is.
+func TestCanaryDiesIdleConnectionsLive(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, ctl, bin := buildTools(t, ctx)
+	srv, sock, _ := startCanaryServer(t, ctx, bin, 20*time.Second, "0.5")
+	old := srv.PID()
+	upgraded := make(chan string, 1)
+	go func() {
+		out, _, _ := ctlRun(ctx, ctl, "-socket", sock, "upgrade")
+		upgraded <- out
+	}()
+	canary := waitCanary(t, ctx, sock)
+
+	// Keep-alive clients, each with one request answered: half of their
+	// connections are the canary's, idle once answered.
+	const clients = 40
+	conns := make([]net.Conn, clients)
+	readers := make([]*bufio.Reader, clients)
+	ask := func(i int) (string, error) {
+		conns[i].SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := fmt.Fprintf(conns[i], "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			return "", err
+		}
+		resp, err := http.ReadResponse(readers[i], nil)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+			return "", err
+		}
+		if resp.StatusCode != http.StatusOK {
+			return "", fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return resp.Header.Get("X-Pid"), nil
+	}
+	onCanary := 0
+	for i := range conns {
+		c, err := net.Dial("tcp", srv.Addr)
+		require.NoError(t, err)
+		defer c.Close()
+		conns[i], readers[i] = c, bufio.NewReader(c)
+		pid, err := ask(i)
+		require.NoError(t, err, "client %d", i)
+		if pid == strconv.Itoa(canary) {
+			onCanary++
+		}
+	}
+	require.Positive(t, onCanary, "connections on the canary")
+	// A response the client has read may precede, by microseconds, the
+	// canary's marking its connection idle: wait until the board says so
+	// of every connection it holds, then kill it.
+	waitBoardIdle(t, old, onCanary)
+
+	require.NoError(t, syscall.Kill(canary, syscall.SIGKILL))
+	select {
+	case out := <-upgraded:
+		assert.Contains(t, out, "rolled back: the new process died")
+	case <-ctx.Done():
+		t.Fatal("no outcome")
+	}
+	lost := 0
+	for i := range conns {
+		pid, err := ask(i)
+		if err != nil {
+			lost++
+			t.Logf("client %d: %v", i, err)
+			continue
+		}
+		assert.Equal(t, strconv.Itoa(old), pid, "client %d", i)
+	}
+	t.Logf("%d of %d idle connections were the canary's when it died; %d lost", onCanary, clients, lost)
+	assert.Zero(t, lost, "idle connections lost with the canary")
+	assert.Equal(t, old, loadtest.ReadPIDFile(srv.PIDFile))
+}
+
+// waitBoardIdle waits, at most 10 s, until the probation board of the old
+// process pid (the memfd it shares with its canary, read through /proc)
+// has n connections registered, every one of them idle.
+func waitBoardIdle(t *testing.T, pid, n int) {
+	t.Helper()
+	const slotSize, idle = 16, 1
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	path := ""
+	for _, fd := range fds {
+		if l, _ := os.Readlink(filepath.Join(dir, fd.Name())); strings.HasPrefix(l, "/memfd:graceful-board") {
+			path = filepath.Join(dir, fd.Name())
+		}
+	}
+	require.NotEmpty(t, path, "the old process holds no probation board")
+	var registered, idled int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		b, err := os.ReadFile(path)
+		require.NoError(t, err)
+		registered, idled = int(binary.NativeEndian.Uint32(b)), 0
+		for i := 1; i <= registered && (i+1)*slotSize <= len(b); i++ {
+			if binary.NativeEndian.Uint32(b[i*slotSize+8:]) == idle {
+				idled++
+			}
+		}
+		if registered >= n && idled == registered {
+			return
+		}
+	}
+	t.Fatalf("the board has %d connections, %d idle; want %d, all idle", registered, idled, n)
 }
