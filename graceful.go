@@ -150,7 +150,11 @@ type Options struct {
 	// process (the usual hand-over) or rolls it back: the canary hands
 	// every connection back as it goes idle, finishes its requests and
 	// exits, and [Process.Upgrade] fails with [ErrRolledBack] and the
-	// figures. See [ProbationStats] for the verdict, and for the window's
+	// figures. If the canary dies, this process serves the connections it
+	// held idle or had not read (it keeps a duplicate of each descriptor it
+	// handed over): only the canary's requests in flight are lost; if this
+	// process dies, the canary serves alone, unjudged. See
+	// [ProbationStats] for the verdict, and for the window's
 	// extension while traffic is too thin to judge. It must be shorter
 	// than UpgradeTimeout, which bounds the whole attempt: the window is cut
 	// short when slow checks would leave less than half of the time after
