@@ -49,12 +49,16 @@ func (p *Process) watchdogInterval() time.Duration {
 	return time.Duration(usec) * time.Microsecond
 }
 
-// watchdog pings systemd at half the interval until stop is closed.
+// watchdog pings systemd at once, then at half the interval, until stop is
+// closed. At once: generations that replace each other faster than half
+// the interval (reloads in a row) would otherwise never ping, and the
+// service's watchdog would expire across them.
 func (p *Process) watchdog(stop <-chan struct{}) {
 	iv := p.watchdogInterval()
 	if iv == 0 {
 		return
 	}
+	p.notify("WATCHDOG=1")
 	t := time.NewTicker(iv / 2)
 	defer t.Stop()
 	for {
