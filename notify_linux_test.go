@@ -15,13 +15,9 @@ import (
 
 // nextFrom returns the next datagram and the PID of its sender, which the
 // kernel attaches as systemd's NotifyAccess check sees it.
+// Call passCred first: a datagram that arrived before carries none.
 func (f *fakeSystemd) nextFrom() (string, int) {
 	f.t.Helper()
-	raw, err := f.conn.SyscallConn()
-	require.NoError(f.t, err)
-	require.NoError(f.t, raw.Control(func(fd uintptr) {
-		require.NoError(f.t, unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1))
-	}))
 	buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(unix.SizeofUcred))
 	f.conn.SetReadDeadline(time.Now().Add(15 * time.Second))
 	n, oobn, _, _, err := f.conn.ReadMsgUnix(buf, oob)
@@ -34,10 +30,22 @@ func (f *fakeSystemd) nextFrom() (string, int) {
 	return string(buf[:n]), int(cred.Pid)
 }
 
+// passCred makes the kernel attach its sender's credentials to every
+// datagram that arrives from now on.
+func (f *fakeSystemd) passCred() {
+	f.t.Helper()
+	raw, err := f.conn.SyscallConn()
+	require.NoError(f.t, err)
+	require.NoError(f.t, raw.Control(func(fd uintptr) {
+		require.NoError(f.t, unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1))
+	}))
+}
+
 // TestSystemdWatchdog runs under WATCHDOG_USEC: the main process pings,
 // and after an upgrade its successor, now the main PID, takes over.
 func TestSystemdWatchdog(t *testing.T) {
 	sd := newFakeSystemd(t)
+	sd.passCred() // the first ping comes as the process becomes ready
 	h := startHelper(t, []string{"-upgrade-timeout", "5s"}, loadtest.Config{
 		Env: []string{"NOTIFY_SOCKET=" + sd.path, "WATCHDOG_USEC=100000"},
 		// systemd names the main process in WATCHDOG_PID.
