@@ -687,6 +687,9 @@ func (tr *trial) end(err error) error {
 		return nil         // the drain passes every idle connection on from now
 	}
 	p.endDivert()
+	if tr.keep != nil {
+		tr.keep.stop() // every send that kept a duplicate has ended
+	}
 	if tr.verdict != "" && !tr.killed && !tr.alone {
 		// Its connections come back before its last message.
 		t := time.NewTimer(reportTimeout)
@@ -697,7 +700,7 @@ func (tr *trial) end(err error) error {
 		}
 		t.Stop()
 	}
-	p.reclaim()
+	p.reclaimKeeping(tr.keep)
 	if tr.keep != nil {
 		tr.rescue()
 	}

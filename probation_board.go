@@ -27,7 +27,9 @@ import (
 // canary's memory. A slot is gone once the canary closes the connection or
 // starts handing it back: the old process then only closes its duplicate.
 // What is left: a Read whose bytes have returned from the kernel and whose
-// slot is not yet marked (a few instructions) when the process dies.
+// slot is not yet marked (a few instructions) when the process dies; and,
+// as in a hand-over, a pipelining client whose next request net/http read
+// with the previous one (see README's limits).
 
 // Slot states.
 const (
@@ -81,8 +83,10 @@ func (c *slottedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// CloseWrite half-closes, when the connection under it can.
+// CloseWrite half-closes, when the connection under it can: the canary is
+// done with it (a goodbye, a retirement).
 func (c *slottedConn) CloseWrite() error {
+	c.slot.Store(slotGone)
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}

@@ -25,6 +25,8 @@ func (k *keeper) rescue(func(string, net.Conn)) (int, int) { return 0, 0 }
 
 func (k *keeper) closeAll() {}
 
+func (k *keeper) stop() {}
+
 func (k *keeper) empty() bool { return true }
 
 func processGone(int, time.Duration) bool { return false }

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -92,13 +90,15 @@ func (b *board) close() {
 // canary; c itself when the board is full or c has no descriptor.
 func (b *board) register(c net.Conn) net.Conn {
 	ino, ok := inodeOf(c)
-	if !ok {
-		return c
+	i := 0
+	if ok {
+		i = int(b.taken().Add(1))
 	}
-	i := int(b.taken().Add(1))
-	if i >= boardSlots {
+	if !ok || i >= boardSlots {
+		// Unknown to the board: the old process rescues nothing it cannot
+		// tell apart. A slot of its own still sends the FIN at Close.
 		b.overflow().Store(1)
-		return c
+		return &slottedConn{Conn: c, slot: new(atomic.Uint32)}
 	}
 	b.u64(i * boardSlotSize).Store(ino)
 	slot := b.u32(i*boardSlotSize + 8)
@@ -153,9 +153,11 @@ type kept struct {
 
 // keeper holds the old process's duplicates during one probation.
 type keeper struct {
-	b  *board
-	mu sync.Mutex
-	m  map[uint64]kept // by inode
+	b      *board
+	mu     sync.Mutex
+	m      map[uint64]kept // by inode
+	closed bool            // stopped: sends keep no duplicate
+	sends  sync.WaitGroup  // sends keeping a duplicate, in flight
 }
 
 func newKeeper() (*keeper, error) {
@@ -168,8 +170,22 @@ func newKeeper() (*keeper, error) {
 
 // send passes c to the canary with h, keeping a duplicate of its
 // descriptor (none if that fails: then it cannot be rescued).
+//
+// Only while the canary has mapped the board, and has registered every
+// connection so far: otherwise it sends no FIN for what it closes (an
+// older version) and nothing could be rescued anyway. The duplicate is
+// recorded before the descriptor is sent, so that whatever comes back
+// (reclaimed, unread) finds it to forget.
 func (k *keeper) send(h *handoff, key string, c net.Conn) error {
 	entry := handoffEntry(key, c)
+	k.mu.Lock()
+	if k.closed || k.b.mapped().Load() != 1 || k.b.overflow().Load() != 0 {
+		k.mu.Unlock()
+		return h.sendEntry(entry, c)
+	}
+	k.sends.Add(1)
+	k.mu.Unlock()
+	defer k.sends.Done()
 	dup, ino := -1, uint64(0)
 	if sc, ok := c.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
@@ -184,20 +200,33 @@ func (k *keeper) send(h *handoff, key string, c net.Conn) error {
 			})
 		}
 	}
-	err := h.sendEntry(entry, c)
 	if dup >= 0 {
-		if err != nil {
-			unix.Close(dup)
-		} else {
-			k.mu.Lock()
-			if old, ok := k.m[ino]; ok {
-				unix.Close(old.fd) // an inode is reused only once its socket is gone
-			}
-			k.m[ino] = kept{dup, entry}
-			k.mu.Unlock()
+		k.mu.Lock()
+		if old, ok := k.m[ino]; ok {
+			unix.Close(old.fd) // an inode is reused only once its socket is gone
 		}
+		k.m[ino] = kept{dup, entry}
+		k.mu.Unlock()
+	}
+	err := h.sendEntry(entry, c)
+	if dup >= 0 && err != nil {
+		k.mu.Lock()
+		if d, ok := k.m[ino]; ok && d.fd == dup {
+			unix.Close(dup)
+			delete(k.m, ino)
+		}
+		k.mu.Unlock()
 	}
 	return err
+}
+
+// stop ends the keeping: sends from now on keep no duplicate, and those in
+// flight have ended when it returns.
+func (k *keeper) stop() {
+	k.mu.Lock()
+	k.closed = true
+	k.mu.Unlock()
+	k.sends.Wait()
 }
 
 // forget closes the duplicate of c's socket, if any: another descriptor of
@@ -216,6 +245,7 @@ func (k *keeper) forget(c net.Conn) {
 }
 
 // prune closes the duplicates of connections the canary is done with.
+// Only during the window (closeAll comes after).
 func (k *keeper) prune() {
 	states, _ := k.b.states()
 	k.mu.Lock()
@@ -262,13 +292,16 @@ func (k *keeper) closeAll() {
 	if k == nil {
 		return
 	}
+	k.stop()
 	k.mu.Lock()
 	for _, d := range k.m {
 		unix.Close(d.fd)
 	}
-	k.m = nil
+	k.m = map[uint64]kept{}
+	b := k.b
+	k.b = nil
 	k.mu.Unlock()
-	k.b.close()
+	b.close()
 }
 
 // pruneEvery prunes until stop closes.
@@ -292,19 +325,14 @@ func (k *keeper) empty() bool {
 	return len(k.m) == 0
 }
 
-// processGone waits, at most d, until process pid has exited (gone, or a
-// zombie: its descriptors are closed either way), and reports whether it
-// has.
+// processGone waits, at most d, until process pid has exited and been
+// reaped, and reports whether it has.
 func processGone(pid int, d time.Duration) bool {
+	// Reaped, not a zombie: a zombie leader's other threads may still
+	// run. tableflip reaps its child as soon as it exits.
 	for deadline := time.Now().Add(d); ; time.Sleep(time.Millisecond) {
 		if unix.Kill(pid, 0) == unix.ESRCH {
 			return true
-		}
-		if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); err == nil {
-			s := string(b)
-			if i := strings.LastIndexByte(s, ')'); i > 0 && strings.HasPrefix(s[i+1:], " Z") {
-				return true
-			}
 		}
 		if time.Now().After(deadline) {
 			return false

@@ -41,3 +41,5 @@ func (p *Process) stopPlatform() {}
 func (p *Process) signalSuccessor() {}
 
 func (p *Process) reclaim() {}
+
+func (p *Process) reclaimKeeping(*keeper) {}

@@ -296,14 +296,24 @@ func (p *Process) upgrade(state []byte, judged bool) (newPID int, err error) {
 // read them (it died, or was rolled back): they wait at its end of the
 // channel, of which we keep a copy until an upgrade succeeds.
 func (p *Process) reclaim() {
+	var k *keeper
+	if tr := p.trial.Load(); tr != nil {
+		k = tr.keep
+	}
+	p.reclaimKeeping(k)
+}
+
+// reclaimKeeping is reclaim during a probation whose duplicates k keeps:
+// what comes back unread is served from the descriptor received, and its
+// duplicate closed.
+func (p *Process) reclaimKeeping(k *keeper) {
 	if p.plat.peer == nil {
 		return
 	}
 	deliver := p.inboxes.deliver
-	if tr := p.trial.Load(); tr != nil && tr.keep != nil {
-		// Unread: served from this descriptor, not from the duplicate.
+	if k != nil {
 		deliver = func(key string, c net.Conn) {
-			tr.keep.forget(c)
+			k.forget(c)
 			p.inboxes.deliver(key, c)
 		}
 	}
