@@ -45,20 +45,7 @@ func TestCanaryMetrics(t *testing.T) {
 	if _, body := get("/metrics"); !assert.Contains(t, body, "\ngraceful_generation 1\n") {
 		return
 	}
-	outcome := make(chan error, 1)
-	go func() {
-		_, err := control.Upgrade(ctx, sock)
-		outcome <- err
-	}()
-	canary := 0
-	for deadline := time.Now().Add(30 * time.Second); canary == 0; time.Sleep(5 * time.Millisecond) {
-		require.False(t, time.Now().After(deadline), "no probation window")
-		if st, err := control.Details(ctx, sock); err == nil && len(st.Upgrades) > 0 {
-			if u := st.Upgrades[len(st.Upgrades)-1]; u.Outcome == graceful.OutcomeInProgress && u.NewPID != 0 {
-				canary = u.NewPID
-			}
-		}
-	}
+	outcome, canary := upgradeToCanary(t, ctx, sock)
 	// The canary emits its generation as its probation begins, on the
 	// events' own goroutine: a scrape right after may still miss it, so
 	// a few are allowed, each on a connection of its own (the canary's).
@@ -79,5 +66,25 @@ func TestCanaryMetrics(t *testing.T) {
 		assert.ErrorContains(t, err, "rolled back")
 	case <-ctx.Done():
 		t.Fatal("no outcome")
+	}
+}
+
+// upgradeToCanary asks the server at sock to upgrade, and returns the
+// upgrade's outcome, to come, and the PID of its new process once it is on
+// probation (at most 30 s).
+func upgradeToCanary(t *testing.T, ctx context.Context, sock string) (<-chan error, int) {
+	t.Helper()
+	outcome := make(chan error, 1)
+	go func() {
+		_, err := control.Upgrade(ctx, sock)
+		outcome <- err
+	}()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		require.False(t, time.Now().After(deadline), "no probation window")
+		if st, err := control.Details(ctx, sock); err == nil && len(st.Upgrades) > 0 {
+			if u := st.Upgrades[len(st.Upgrades)-1]; u.Outcome == graceful.OutcomeInProgress && u.NewPID != 0 {
+				return outcome, u.NewPID
+			}
+		}
 	}
 }

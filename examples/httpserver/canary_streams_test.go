@@ -19,8 +19,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/graceful-go/graceful"
-	"github.com/graceful-go/graceful/control"
 	"github.com/graceful-go/graceful/internal/loadtest"
 )
 
@@ -41,20 +39,7 @@ func TestStreamsHandedBack(t *testing.T) {
 		"-upgrade-timeout", "50s", "-drain-timeout", drainTimeout.String(),
 	}})
 	old := srv.PID()
-	outcome := make(chan error, 1)
-	go func() {
-		_, err := control.Upgrade(ctx, sock)
-		outcome <- err
-	}()
-	canary := 0
-	for deadline := time.Now().Add(30 * time.Second); canary == 0; time.Sleep(5 * time.Millisecond) {
-		require.False(t, time.Now().After(deadline), "no probation window")
-		if st, err := control.Details(ctx, sock); err == nil && len(st.Upgrades) > 0 {
-			if u := st.Upgrades[len(st.Upgrades)-1]; u.Outcome == graceful.OutcomeInProgress && u.NewPID != 0 {
-				canary = u.NewPID
-			}
-		}
-	}
+	outcome, canary := upgradeToCanary(t, ctx, sock)
 
 	// Streams opened now: half of their connections go to the canary.
 	const clients = 20
