@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unicode/utf8"
 )
 
 // This file holds the server side of the control socket
@@ -173,13 +172,7 @@ func (p *Process) handleControl(ctx context.Context, conn net.Conn) {
 func statusAnswer(st Status) ([]byte, error) {
 	st.Upgrades = slices.Clone(st.Upgrades)
 	for i, u := range st.Upgrades {
-		if len(u.Err) > maxStatusErr {
-			cut := maxStatusErr
-			for cut > 0 && !utf8.RuneStart(u.Err[cut]) {
-				cut--
-			}
-			st.Upgrades[i].Err = fmt.Sprintf("%s… (%d more bytes)", u.Err[:cut], len(u.Err)-cut)
-		}
+		st.Upgrades[i].Err = shorten(u.Err, maxStatusErr) // from an older generation's record, maybe
 	}
 	for {
 		b, err := json.Marshal(st)

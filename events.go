@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // This file holds what an operator sees of the upgrades: the events
@@ -309,6 +310,23 @@ func (p *Process) beginAttempt(start time.Time) []byte {
 	return b
 }
 
+// maxRecordErr bounds an upgrade's error as the record keeps it: the
+// record travels to each new process and into every status answer.
+const maxRecordErr = 2 << 10
+
+// shorten cuts s to at most n bytes (at a character's start), saying how
+// much was left out.
+func shorten(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d more bytes)", s[:cut], len(s)-cut)
+}
+
 // endAttempt records the outcome of the attempt begun last.
 func (p *Process) endAttempt(start time.Time, newPID int, err error) {
 	r := p.record
@@ -319,9 +337,9 @@ func (p *Process) endAttempt(start time.Time, newPID int, err error) {
 		u.Duration, u.NewPID = d, newPID
 		switch {
 		case errors.Is(err, ErrRolledBack):
-			u.Outcome, u.Err = OutcomeRolledBack, err.Error()
+			u.Outcome, u.Err = OutcomeRolledBack, shorten(err.Error(), maxRecordErr)
 		case err != nil:
-			u.Outcome, u.Err = OutcomeFailed, err.Error()
+			u.Outcome, u.Err = OutcomeFailed, shorten(err.Error(), maxRecordErr)
 		default:
 			u.Outcome = OutcomeSucceeded
 		}

@@ -2,9 +2,12 @@ package graceful
 
 import (
 	"encoding/json"
+	"errors"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -108,4 +111,15 @@ func TestRecordHistory(t *testing.T) {
 	assert.Equal(t, 100+maxHistory+1, st.Upgrades[maxHistory-2].NewPID)
 	assert.Equal(t, 7, st.Totals.Failed)
 	assert.Equal(t, 6, st.Totals.Succeeded)
+
+	// An error of any size is kept within maxRecordErr (it travels to
+	// every new process, and into every status answer).
+	start := time.Now()
+	p.beginAttempt(start)
+	p.endAttempt(start, 0, errors.New(strings.Repeat("é", 3000)))
+	st = p.Status()
+	long := st.Upgrades[len(st.Upgrades)-1].Err
+	assert.LessOrEqual(t, len(long), maxRecordErr+30)
+	assert.True(t, utf8.ValidString(long), "cut at a character's start")
+	assert.True(t, strings.HasSuffix(long, "… (3952 more bytes)"), "%q", long[len(long)-40:])
 }
