@@ -1,6 +1,7 @@
 package graceful_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -66,6 +67,7 @@ const (
 	modeSlowReady = "slowready" // its pre-ready check passes after 1.5 s
 	modePanic     = "panic"     // panics 200 ms after declaring itself ready
 	modeStateV2   = "statev2"   // with -state: offers, and reads only, version 2 of its state
+	modeStateOver = "stateover" // with -state-pad N: offers N+1 bytes instead of N
 )
 
 func helperMain() int {
@@ -107,6 +109,8 @@ func helperMain() int {
 	useTLS := fs.Bool("tls", false, "serve HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate")
 	eventsHook := fs.Bool("events-hook", false, "record every Options.OnEvent event (see hookEvent)")
 	withState := fs.Bool("state", false, "offer a state \"history\" (the PIDs of the generations so far) to the next generation; GET /state shows what this one received")
+	statePad := fs.Int("state-pad", 0, "offer a state \"pad\" of this many bytes (see modeStateOver); GET /state-pad shows what this one received")
+	maxState := fs.Int64("max-state", 0, "Options.MaxStateSize")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
@@ -116,7 +120,7 @@ func helperMain() int {
 			return 1
 		}
 	}
-	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, IdleGrace: *idleGrace, NoHandOff: *noHandOff, ControlSocket: *control}
+	opts := graceful.Options{Logger: log, PIDFile: *pidfile, UpgradeTimeout: *upgradeTimeout, DrainTimeout: *drainTimeout, DrainDelay: *drainDelay, IdleGrace: *idleGrace, NoHandOff: *noHandOff, ControlSocket: *control, MaxStateSize: *maxState}
 	if mode == modeCheckFail {
 		opts.UpgradeTimeout = time.Hour // the parent's timeout must be what ends it
 	}
@@ -160,6 +164,18 @@ func helperMain() int {
 		p.OfferState("history", version, func() ([]byte, error) { return []byte(history), nil })
 		mux.HandleFunc("GET /state", func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "version %d, err %v\n%s", v, err, received)
+		})
+	}
+	if *statePad > 0 {
+		received, _, err := p.State("pad")
+		n := *statePad
+		if mode == modeStateOver {
+			n++
+		}
+		pad := bytes.Repeat([]byte("p"), n)
+		p.OfferState("pad", 1, func() ([]byte, error) { return pad, nil })
+		mux.HandleFunc("GET /state-pad", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "%d bytes, err %v", len(received), err)
 		})
 	}
 	srv := &http.Server{Handler: mux}

@@ -65,3 +65,33 @@ func TestStateHandOver(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, `version 1, err graceful: state "history": version 1 not understood (this build reads [2])`+"\n", state())
 }
+
+// TestStateLimit: MaxStateSize bounds the payloads, not the state file's
+// framing: a payload of exactly the limit reaches the new process; one byte
+// more is not written at all (the old process checks before it writes), and
+// the new process starts cold.
+func TestStateLimit(t *testing.T) {
+	const limit = 1 << 20
+	lim := strconv.Itoa(limit)
+	h := startHelper(t, []string{"-state-pad", lim, "-max-state", lim}, loadtest.Config{})
+	pad := func() string {
+		t.Helper()
+		resp, err := http.Get("http://" + h.Addr + "/state-pad")
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		return string(b)
+	}
+	_, err := h.Upgrade(t.Context(), 20*time.Second)
+	require.NoError(t, err)
+	assert.Equal(t, lim+" bytes, err <nil>", pad(), "exactly the limit is carried")
+
+	h.setMode(modeStateOver) // the next generation offers one byte more
+	_, err = h.Upgrade(t.Context(), 20*time.Second)
+	require.NoError(t, err)
+	h.setMode(modeOK)
+	_, err = h.Upgrade(t.Context(), 20*time.Second)
+	require.NoError(t, err)
+	assert.Equal(t, "0 bytes, err "+graceful.ErrNoState.Error(), pad(), "over the limit: a cold start")
+}
