@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -30,9 +29,10 @@ import (
 //	succeeded   PATH = N   PATH.previous = A
 //	refused     PATH = A   PATH.previous = P   (the very files of before)
 //
-// One deploy or rollback of PATH at a time (the lock file .PATH.deploy-lock);
-// every step before the upgrade is undone in reverse order when a later one
-// fails; PATH and PATH.previous are never the same file.
+// One deploy or rollback of PATH at a time (flock on the lock file
+// .PATH.deploy-lock, which stays); every step before the upgrade is undone
+// in reverse order when a later one fails; PATH and PATH.previous are never
+// the same file.
 
 // outcomeWait bounds how long an interrupted deploy or rollback still waits
 // for the server's outcome of the upgrade it asked for (a probation may
@@ -547,88 +547,8 @@ func (r *replacement) tmp(what string) string {
 	return filepath.Join(filepath.Dir(r.path), "."+filepath.Base(r.path)+"."+what+"-"+strconv.Itoa(os.Getpid()))
 }
 
-// lock takes the lock on deploys and rollbacks of path: the file
-// .PATH.deploy-lock beside it, created whole (a link to a file holding our
-// PID) and removed when done. It waits while another live gracefulctl
-// holds it, saying so once, until ctx ends; a lock whose process is gone
-// (killed) is broken.
-func lock(ctx context.Context, path string, stderr io.Writer) (unlock func(), err error) {
-	name := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".deploy-lock")
-	mine := name + "-" + strconv.Itoa(os.Getpid())
-	if err := os.WriteFile(mine, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
-		return nil, fmt.Errorf("locking deploys of %s: %w", path, err)
-	}
-	defer os.Remove(mine)
-	mi, err := os.Lstat(mine)
-	if err != nil {
-		return nil, fmt.Errorf("locking deploys of %s: %w", path, err)
-	}
-	unlock = func() {
-		if fi, err := os.Lstat(name); err == nil && os.SameFile(fi, mi) {
-			os.Remove(name)
-		}
-	}
-	t := time.NewTicker(50 * time.Millisecond)
-	defer t.Stop()
-	said := false
-	for {
-		err := os.Link(mine, name)
-		if err == nil {
-			return unlock, nil
-		}
-		if !errors.Is(err, os.ErrExist) {
-			return nil, fmt.Errorf("locking deploys of %s: %w", path, err)
-		}
-		holder, fi, alive := lockHolder(name)
-		if fi != nil && !alive {
-			breakLock(name, fi)
-			continue
-		}
-		if !said && holder != 0 {
-			fmt.Fprintf(stderr, "gracefulctl: waiting for pid %d's deploy or rollback of %s to end (lock %s)\n", holder, path, name)
-			said = true
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("%w while waiting for pid %d's deploy or rollback of %s to end (lock %s); nothing changed", context.Cause(ctx), holder, path, name)
-		case <-t.C:
-		}
-	}
-}
-
-// lockHolder reads the lock file name: the PID it holds, the file, and
-// whether that process still runs.
-func lockHolder(name string) (pid int, fi os.FileInfo, alive bool) {
-	fi, err := os.Lstat(name)
-	if err != nil {
-		return 0, nil, true // gone meanwhile: try again
-	}
-	b, err := os.ReadFile(name)
-	if err != nil {
-		return 0, fi, true
-	}
-	pid, err = strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 0 {
-		return 0, fi, false // not ours to read: a lock file is written whole
-	}
-	p, err := os.FindProcess(pid)
-	if err != nil {
-		return pid, fi, false
-	}
-	err = p.Signal(syscall.Signal(0))
-	return pid, fi, err == nil || errors.Is(err, syscall.EPERM)
-}
-
-// breakLock removes the stale lock file name, whose file was fi, unless
-// another gracefulctl took the lock meanwhile: it is moved aside first,
-// and put back if it is not the file judged stale.
-func breakLock(name string, fi os.FileInfo) {
-	aside := name + ".stale-" + strconv.Itoa(os.Getpid())
-	if err := os.Rename(name, aside); err != nil {
-		return
-	}
-	if ai, err := os.Lstat(aside); err == nil && !os.SameFile(ai, fi) {
-		os.Link(aside, name) // a fresh lock: give it back
-	}
-	os.Remove(aside)
+// lockName is the lock file of deploys and rollbacks of path: .NAME.deploy-lock
+// beside it. It stays there once created (see lock).
+func lockName(path string) string {
+	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".deploy-lock")
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/graceful-go/graceful"
 	"github.com/graceful-go/graceful/control"
@@ -168,14 +170,23 @@ func (e *deployEnv) distinct(msg string) {
 }
 
 // noTemp asserts that the binary's directory holds nothing but extra and
-// the binary and its previous one.
+// the binary, its previous one and the lock file (which stays, empty
+// once no one holds it).
 func (e *deployEnv) noTemp(msg string, extra ...string) {
 	entries, err := os.ReadDir(filepath.Dir(e.live))
 	require.NoError(e.t, err)
 	for _, de := range entries {
-		assert.Contains(e.t, append([]string{"httpserver", "httpserver.previous"}, extra...), de.Name(), "%s: no temporary file left", msg)
+		assert.Contains(e.t, append([]string{"httpserver", "httpserver.previous", lockBase}, extra...), de.Name(), "%s: no temporary file left", msg)
+	}
+	if fi, err := os.Lstat(lockName(e.live)); err == nil {
+		assert.True(e.t, fi.Mode().IsRegular(), "%s: the lock file is a regular file", msg)
+		assert.Zero(e.t, fi.Size(), "%s: the lock file is empty once released", msg)
 	}
 }
+
+// lockBase is the name of the lock file of deploys of a binary named
+// httpserver.
+const lockBase = ".httpserver.deploy-lock"
 
 // totals returns the server's upgrade totals.
 func (e *deployEnv) totals() graceful.Totals {
@@ -537,4 +548,108 @@ func TestDeployAfterFailedDeploy(t *testing.T) {
 	e.distinct("a deploy with PATH.previous PATH's own file")
 	e.noTemp("a deploy with PATH.previous PATH's own file")
 	assert.True(t, strings.Contains(out, "previous binary kept as"), out)
+}
+
+// TestDeployLock: the deploy lock is the kernel's (flock on
+// .NAME.deploy-lock), so it goes with its holder. A gracefulctl SIGKILLed
+// while it holds the lock (waiting for a probation) does not block the
+// next deploy, which goes ahead at once; nor does a lock file left naming
+// a live process that holds no lock (a PID reused: the PID-file lock
+// waited for it until -timeout); a live process holding the flock is
+// waited for, saying so with its PID, and -timeout then changes nothing;
+// a lock file that is not a regular file is refused.
+func TestDeployLock(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	e := newDeployEnv(t, ctx, map[string]string{"v2": "", "v3": ""}, "-probation", "3s", "-canary-share", "0.5")
+	load := loadtest.StartLoad(e.srv.Addr, loadtest.Mix{KeepAliveGET: 8, FreshGET: 2})
+	defer load.Stop()
+	lockFile := lockName(e.live)
+	// lastOutcome waits until the server's last upgrade is past (or at,
+	// if inProgress) the point where its new process runs.
+	lastOutcome := func(inProgress bool) graceful.Outcome {
+		for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+			st, err := control.Details(ctx, e.sock)
+			require.NoError(t, err)
+			if n := len(st.Upgrades); n > 0 {
+				u := st.Upgrades[n-1]
+				if inProgress && u.Outcome == graceful.OutcomeInProgress && u.NewPID != 0 || !inProgress && u.Outcome != graceful.OutcomeInProgress {
+					return u.Outcome
+				}
+			}
+			require.False(t, time.Now().After(deadline), "the upgrade did not get there")
+		}
+	}
+	// deployAtOnce deploys v with a -timeout a wait for any lock would
+	// reach, and asserts that it succeeded without waiting.
+	deployAtOnce := func(v, msg string) {
+		waitRequests(t, load, 100)
+		out, code := e.run("-timeout", "1m", "deploy", e.bins[v])
+		assert.Equal(t, 0, code, "%s: %s", msg, out)
+		assert.NotContains(t, out, "waiting for", msg)
+		assert.Equal(t, v, e.served(), msg)
+		assert.Equal(t, v, e.which(e.live), msg)
+	}
+
+	// SIGKILLed while it holds the lock, waiting for the probation.
+	waitRequests(t, load, 100)
+	var out bytes.Buffer
+	cmd := e.command(&out, "deploy", e.bins["v2"])
+	require.NoError(t, cmd.Start())
+	lastOutcome(true)
+	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+	assert.Equal(t, -1, exitCode(t, cmd.Wait()), "killed: %s", out.String())
+	require.Equal(t, graceful.OutcomeSucceeded, lastOutcome(false))
+	e.srv.Follow()
+	b, err := os.ReadFile(lockFile)
+	require.NoError(t, err)
+	assert.Equal(t, strconv.Itoa(cmd.Process.Pid)+"\n", string(b), "the killed holder's PID stays in the file, for information")
+	deployAtOnce("v3", "after a holder was killed")
+	e.noTemp("after a holder was killed")
+
+	// A lock file naming a live process (the server) that holds no lock.
+	require.NoError(t, os.WriteFile(lockFile, []byte(strconv.Itoa(e.srv.PID())+"\n"), 0o600))
+	deployAtOnce("v2", "a lock file naming a live process that holds no lock")
+	e.noTemp("after a lock file naming a live process")
+
+	// A live process holding the lock: this one, its PID in the file.
+	f, err := os.OpenFile(lockFile, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer f.Close()
+	require.NoError(t, unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB))
+	_, err = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	require.NoError(t, err)
+	before, totals := e.disk(), e.totals()
+	o, code := e.run("-timeout", "3s", "deploy", e.bins["v3"])
+	assert.Equal(t, 1, code, o)
+	assert.Contains(t, o, fmt.Sprintf("waiting for pid %d's deploy or rollback of %s to end (lock %s)", os.Getpid(), e.live, lockFile))
+	assert.Contains(t, o, "-timeout 3s reached while waiting for pid")
+	assert.Contains(t, o, "nothing changed")
+	e.unchanged(before, "waiting for a held lock")
+	assert.Equal(t, totals, e.totals(), "no upgrade asked for")
+	assert.Equal(t, "v2", e.served())
+	require.NoError(t, f.Truncate(0))
+	require.NoError(t, f.Close()) // releases the lock
+	deployAtOnce("v3", "the lock released")
+	e.noTemp("after the lock was released")
+
+	// Not a regular file: refused before anything changes.
+	target := filepath.Join(e.dir, "lock-target")
+	require.NoError(t, os.WriteFile(target, nil, 0o600))
+	for kind, mk := range map[string]func() error{
+		"a directory":     func() error { return os.Mkdir(lockFile, 0o700) },
+		"a symbolic link": func() error { return os.Symlink(target, lockFile) },
+		"a named pipe":    func() error { return unix.Mkfifo(lockFile, 0o600) },
+	} {
+		require.NoError(t, os.Remove(lockFile))
+		require.NoError(t, mk())
+		before := e.disk()
+		o, code := e.run("-timeout", "1m", "deploy", e.bins["v1"])
+		assert.Equal(t, 1, code, o)
+		assert.Contains(t, o, "the lock file "+lockFile+" is "+kind+", not a regular file")
+		e.unchanged(before, kind+" as the lock file")
+	}
+	require.NoError(t, os.Remove(lockFile))
+	deployAtOnce("v1", "the lock file created again")
+	e.noTemp("at the end")
 }

@@ -97,7 +97,7 @@ func TestDeploy(t *testing.T) {
 	entries, err := os.ReadDir(filepath.Dir(live))
 	require.NoError(t, err)
 	for _, e := range entries {
-		assert.Contains(t, []string{"httpserver", "httpserver.previous"}, e.Name(), "no temporary file left")
+		assert.Contains(t, []string{"httpserver", "httpserver.previous", ".httpserver.deploy-lock"}, e.Name(), "no temporary file left (the lock file stays)")
 	}
 
 	// A good one.

@@ -28,9 +28,11 @@
 // never one file, and no temporary file is left behind.
 //
 // Deploys and rollbacks of one PATH run one at a time: a second one waits
-// for the first to end (saying so), holding the lock file
-// .PATH.deploy-lock beside it; a lock left by a process that no longer
-// runs is broken.
+// for the first to end (saying so, with the holder's PID), until -timeout
+// or a signal, which change nothing. The lock is flock(2) on the file
+// .NAME.deploy-lock beside PATH, so it is released when its process ends,
+// even killed; the file stays there (empty when no one holds it: it is not
+// a refused binary), and anything but a regular file there is refused.
 //
 // Interrupted (SIGINT, SIGTERM, -timeout) after asking for the upgrade,
 // deploy and rollback do not guess: they wait for the server's outcome (at
