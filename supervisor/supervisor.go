@@ -11,7 +11,11 @@
 // notify socket of its own, learns each new generation from MAINPID=, and
 // becomes a child subreaper, so that each generation is reparented to it
 // when its predecessor exits. It forwards SIGHUP, SIGTERM, SIGINT, SIGQUIT,
-// SIGUSR1 and SIGUSR2 to the current generation; it reaps every process
+// SIGUSR1 and SIGUSR2 to the current generation; while it waits for a
+// successor, a process the command left behind or an older generation's
+// drain, a stop (SIGTERM, SIGINT, SIGQUIT) goes to whatever runs of the
+// service and the others wait for the next generation (their default
+// action would end a process not handling them yet). It reaps every process
 // reparented to it while it runs (as PID 1, every orphan of the
 // container); it relays
 // READY=1, RELOADING=1, STOPPING=1, EXTEND_TIMEOUT_USEC=, WATCHDOG=1 and
@@ -37,12 +41,19 @@
 // The server must not outlive its supervisor, even one killed by SIGKILL,
 // and a parent-death signal cannot do it (every generation after the first
 // is its predecessor's child). So before the server the supervisor starts
-// a warden, its own binary again (see [Trampoline]), which holds the read
-// end of a pipe only the supervisor writes to: when Run returns or the
-// supervisor dies, whatever is left of the server's process group (every
-// generation shares the first one's) is sent SIGTERM, so that it drains as
-// at a stop, releasing its listeners and socket files for the next start,
-// and SIGKILL 90 s later.
+// a warden, its own binary again (see [Trampoline]), in a process group of
+// its own, which the first generation joins and every later one inherits:
+// the group's number, the warden's PID, cannot name another group while
+// the warden lives. The warden ignores the signals of a terminal and of a
+// service manager's stop (systemd's default KillMode=control-group sends
+// SIGTERM to every process of the service), and holds the read end of a
+// pipe only the supervisor writes to: when Run returns or the supervisor
+// dies, whatever is left of the group is sent SIGTERM, so that it drains
+// as at a stop, releasing its listeners and socket files for the next
+// start, and SIGKILL 90 s later. A process that leaves the group (setsid)
+// is out of its reach: the supervisor warns when it follows one as the
+// server, and stops one left behind by the command itself when it gives
+// up waiting for it.
 //
 // Sockets passed by socket activation (LISTEN_FDS) are passed on to the
 // first generation, with LISTEN_PID naming it. The supervisor does not

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -61,10 +62,11 @@ const (
 // gone (even killed by SIGKILL), and the exec of the server with LISTEN_PID
 // naming it (socket activation needs LISTEN_PID to name the server's own
 // PID, which is known only in the process that becomes the server). Run
-// refuses to start when its own binary does not call it.
+// refuses to start when its own binary does not call it: the warden it
+// starts must answer before the server is started.
 func Trampoline() {
 	if os.Getenv(wardenEnv) == "1" {
-		os.Exit(warden(os.NewFile(3, "supervisor")))
+		os.Exit(warden(os.NewFile(3, "supervisor"), os.NewFile(4, "supervisor-ack")))
 	}
 	if os.Getenv(trampolineEnv) != "1" {
 		return
@@ -83,36 +85,69 @@ func Trampoline() {
 	os.Exit(127)
 }
 
-// warden reads the server's process group from the supervisor (a decimal
-// line on a pipe whose write end only the supervisor holds) and waits for
-// the pipe's end, which comes when Run returns or the supervisor dies
-// however it dies. Whatever is then left of the group is sent SIGTERM, so
-// that it drains as at a stop and releases its sockets, and SIGKILL
-// wardenKillAfter later. Parent-death signals cannot do this: every
-// generation after the first is its predecessor's child.
-func warden(pipe *os.File) int {
-	// A terminal's signals are the supervisor's to handle.
-	signal.Ignore(unix.SIGHUP, unix.SIGINT, unix.SIGQUIT)
+// wardenIgnores are the signals the warden ignores: a terminal's are the
+// supervisor's to handle, a service manager's stop (systemd's
+// KillMode=control-group sends SIGTERM to every process of the service)
+// must not end the warden before the server, and its own SIGTERM to its
+// process group reaches it too. It acts only when its pipe ends.
+var wardenIgnores = []os.Signal{unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGTERM, unix.SIGUSR1, unix.SIGUSR2, unix.SIGPIPE}
+
+// warden runs in a process group of its own, which the first generation
+// joins (and every later one inherits): the group's number is the
+// warden's PID, so it cannot name another group while the warden lives.
+// It tells the supervisor it runs (a byte on ack), then waits for the end
+// of a pipe whose write end only the supervisor holds, which comes when
+// Run returns or the supervisor dies however it dies. Whatever is then
+// left of the group is sent SIGTERM, so that it drains as at a stop and
+// releases its sockets, and SIGKILL wardenKillAfter later. Parent-death
+// signals cannot do this: every generation after the first is its
+// predecessor's child.
+func warden(pipe, ack *os.File) int {
+	signal.Ignore(wardenIgnores...)
+	ack.Write([]byte{1})
+	ack.Close()
 	b, _ := io.ReadAll(io.LimitReader(pipe, 64))
 	pipe.Close()
-	pgid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pgid <= 1 || unix.Kill(-pgid, 0) != nil {
+	self := os.Getpid()
+	if len(b) == 0 || procMatches() && len(groupMembers(self)) == 0 {
 		return 0 // no server started, or nothing left of it
 	}
-	fmt.Fprintf(os.Stderr, "supervisor: the supervisor is gone; sending SIGTERM to what is left of the server (process group %d)\n", pgid)
-	unix.Kill(-pgid, unix.SIGTERM)
+	fmt.Fprintf(os.Stderr, "supervisor: the supervisor is gone; sending SIGTERM to what is left of the server (process group %d)\n", self)
+	unix.Kill(-self, unix.SIGTERM) // ignored here
 	for deadline := time.Now().Add(wardenKillAfter); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if unix.Kill(-pgid, 0) != nil {
+		// Without a /proc of this PID namespace the warden cannot tell
+		// its group's other members from itself: it waits the whole time.
+		if procMatches() && len(groupMembers(self)) == 0 {
 			return 0
 		}
 	}
-	fmt.Fprintf(os.Stderr, "supervisor: process group %d still runs %v after SIGTERM; sending SIGKILL\n", pgid, wardenKillAfter)
-	unix.Kill(-pgid, unix.SIGKILL)
+	fmt.Fprintf(os.Stderr, "supervisor: process group %d still runs %v after SIGTERM; sending SIGKILL\n", self, wardenKillAfter)
+	unix.Kill(-self, unix.SIGKILL) // the warden too: its last act
 	return 0
 }
 
+// groupMembers returns the live processes of process group pgid but the
+// caller.
+func groupMembers(pgid int) []int {
+	paths, _ := filepath.Glob("/proc/[0-9]*/stat")
+	var out []int
+	for _, p := range paths {
+		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		if st, ok := procStat(pid); ok && st.pgrp == pgid && st.state != "Z" && pid != os.Getpid() {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// wardenAnswer bounds the wait for the warden's first byte.
+const wardenAnswer = 30 * time.Second
+
 // startWarden starts the warden and returns the pipe's write end, on which
-// the supervisor writes the server's process group, and the warden's PID.
+// the supervisor writes once the server is started, and the warden's PID,
+// which is also its process group's number: the server's. It returns once
+// the warden runs its code, signals ignored; a binary that does not call
+// Trampoline first never answers, and is killed.
 func startWarden(stderr io.Writer) (*os.File, int, error) {
 	self := "/proc/self/exe" // even when the binary has been replaced on disk
 	if _, err := os.Stat(self); err != nil {
@@ -125,20 +160,35 @@ func startWarden(stderr io.Writer) (*os.File, int, error) {
 		return nil, 0, fmt.Errorf("supervisor: starting the warden: %w", err)
 	}
 	defer r.Close()
+	ackR, ackW, err := os.Pipe()
+	if err != nil {
+		w.Close()
+		return nil, 0, fmt.Errorf("supervisor: starting the warden: %w", err)
+	}
+	defer ackR.Close()
 	cmd := exec.Command(self)
 	cmd.Args = []string{os.Args[0]}
 	cmd.Env = append(os.Environ(), wardenEnv+"=1")
-	cmd.ExtraFiles = []*os.File{r}
+	cmd.ExtraFiles = []*os.File{r, ackW}
 	if f, ok := stderr.(*os.File); ok {
 		cmd.Stderr = f // not through a copying goroutine, which dies with us
 	}
-	// Out of the terminal's process group and the server's.
+	// A process group of its own, out of the terminal's: the server's.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	ackW.Close()
+	if err != nil {
 		w.Close()
 		return nil, 0, fmt.Errorf("supervisor: starting the warden: %w", err)
 	}
 	pid := cmd.Process.Pid
+	ackR.SetReadDeadline(time.Now().Add(wardenAnswer))
+	if _, err := io.ReadFull(ackR, make([]byte, 1)); err != nil {
+		w.Close()
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, 0, fmt.Errorf("supervisor: the warden (this binary, %s, started again) did not answer: its main must call supervisor.Trampoline first: %w", self, err)
+	}
 	cmd.Process.Release() // reaped with every other child
 	return w, pid, nil
 }
@@ -181,10 +231,56 @@ func (p phase) String() string {
 	return [...]string{"running", "ending", "successor", "adopting", "draining"}[p]
 }
 
-// generation is one generation of the server the supervisor knows.
+// generation is one generation of the server the supervisor knows. An
+// older one is forgotten once it has exited: its PID may then name another
+// process, which must not pass for the service.
 type generation struct {
-	exited     bool
+	start      uint64        // its start time (procInfo.start); 0 if unknown
 	drainBound time.Duration // announced with EXTEND_TIMEOUT_USEC=; 0 if not
+}
+
+// newGeneration records pid as a generation.
+func newGeneration(pid int) *generation {
+	st, _ := procStat(pid)
+	return &generation{start: st.start}
+}
+
+// reused reports whether pid, g's PID, now names another process than g.
+func (g *generation) reused(pid int) bool {
+	if g.start == 0 || !procMatches() {
+		return false
+	}
+	st, ok := procStat(pid)
+	return ok && st.start != g.start
+}
+
+// mainGone reports whether the main process, which may not be our child,
+// has exited.
+func (s *supervision) mainGone() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g := s.gens[s.main]
+	return gone(s.main) || g != nil && g.reused(s.main)
+}
+
+// stopOutsiders sends SIGTERM to those of pids, our children, that left
+// the warden's process group (setsid), which the warden does not reach.
+// Being our children, not reaped, their PIDs cannot name other processes.
+func (s *supervision) stopOutsiders(pids []int) {
+	for _, pid := range pids {
+		if st, ok := procStat(pid); ok && st.ppid == os.Getpid() && st.pgrp != s.warden {
+			s.log.Info("stopping a process outside the server's process group", "pid", pid, "group", st.pgrp)
+			unix.Kill(pid, unix.SIGTERM)
+		}
+	}
+}
+
+// alive reports whether g, of PID pid, still runs.
+func (g *generation) alive(pid int) bool {
+	if procMatches() {
+		return !gone(pid) && !g.reused(pid)
+	}
+	return unix.Kill(pid, 0) == nil
 }
 
 // supervision is the state of one Run, owned by its loop; only gens is
@@ -252,7 +348,7 @@ func run(ctx context.Context, cfg Config) (int, error) {
 	}
 	defer toWarden.Close() // the warden ends what is left of the server
 
-	cmd, err := command(cfg, addr.Name)
+	cmd, err := command(cfg, addr.Name, wardenPID)
 	if err != nil {
 		return 0, err
 	}
@@ -264,8 +360,8 @@ func run(ctx context.Context, cfg Config) (int, error) {
 	}
 	main := cmd.Process.Pid
 	cmd.Process.Release() // reaped below, with every other child
-	// Its process group is its PID (Setpgid), and every later generation's.
-	if _, err := fmt.Fprintf(toWarden, "%d\n", main); err != nil {
+	// In the warden's process group (Setpgid), as every later generation.
+	if _, err := fmt.Fprintf(toWarden, "started %d\n", main); err != nil {
 		log.Error("the warden is gone: the server would outlive a killed supervisor", "err", err)
 	}
 	log.Info("supervising", "pid", os.Getpid(), "server", main, "warden", wardenPID)
@@ -277,7 +373,7 @@ func run(ctx context.Context, cfg Config) (int, error) {
 	s := &supervision{
 		log:       log,
 		warden:    wardenPID,
-		gens:      map[int]*generation{main: {}},
+		gens:      map[int]*generation{main: newGeneration(main)},
 		uids:      map[uint32]bool{uint32(os.Geteuid()): true},
 		readyLeft: map[int]message{},
 		main:      main,
@@ -323,15 +419,17 @@ func (s *supervision) loop(ctx context.Context, sigs <-chan os.Signal, msgs <-ch
 		case <-check.C:
 			// A generation that is not our child (it was its
 			// predecessor's, which reaps it) can die unseen by wait4.
-			if s.phase == phaseRunning && gone(s.main) {
+			if s.phase == phaseRunning && s.mainGone() {
 				s.log.Error("server exited; its status went to its parent", "pid", s.main)
 				s.mainExited(1)
 			}
 		case <-s.deadline:
 			switch s.phase {
 			case phaseAdopting:
-				s.log.Error("the server command exited 0 before it was ready, and nothing it left behind declared itself ready: the server forks into the background, and supervise needs it in the foreground (exec it); exiting 1, and what is left is stopped", "left", s.strangers())
+				left := s.strangers()
+				s.log.Error("the server command exited 0 before it was ready, and nothing it left behind declared itself ready: the server forks into the background, and supervise needs it in the foreground (exec it); exiting 1, and what is left is stopped", "left", left)
 				s.exitCode = 1
+				s.stopOutsiders(left)
 			case phaseDraining:
 				s.log.Warn("an older generation still drains past its bound; exiting, and it is stopped", "pids", s.draining())
 				return s.exitCode
@@ -366,30 +464,59 @@ func (s *supervision) loop(ctx context.Context, sigs <-chan os.Signal, msgs <-ch
 // sent before is handled (a MAINPID= may name a newer one), or to the
 // older generations still draining.
 func (s *supervision) signal(sig syscall.Signal) {
-	s.pending = append(s.pending, sig)
+	if stops[sig] || !slices.Contains(s.pending, sig) { // one reload is asked for once, however often
+		s.pending = append(s.pending, sig)
+	}
 	switch s.phase {
 	case phaseRunning:
 		s.asked = s.sync()
 	case phaseDraining, phaseSuccessor, phaseAdopting:
-		// Whatever runs of the service is told: a stop is a stop.
-		s.forward(append(s.liveChildren(), s.draining()...)...)
+		// Whatever runs of the service is told of a stop: a stop is a
+		// stop. Not of the rest, whose default action also terminates: a
+		// successor or a process the command left behind may not handle
+		// them yet. They wait for the next main process.
+		if stops[sig] {
+			s.forwardStops(append(s.liveChildren(), s.draining()...)...)
+		}
 	}
 }
 
+// stops are the signals that ask the service to stop.
+var stops = map[syscall.Signal]bool{unix.SIGTERM: true, unix.SIGINT: true, unix.SIGQUIT: true}
+
 // forward sends the pending signals to each of pids (once to each).
 func (s *supervision) forward(pids ...int) {
+	s.send(s.pending, pids)
+	s.pending = nil
+}
+
+// forwardStops sends the pending stop signals to each of pids (once to
+// each), and keeps the others pending.
+func (s *supervision) forwardStops(pids ...int) {
+	var send, keep []syscall.Signal
+	for _, sig := range s.pending {
+		if stops[sig] {
+			send = append(send, sig)
+		} else {
+			keep = append(keep, sig)
+		}
+	}
+	s.send(send, pids)
+	s.pending = keep
+}
+
+func (s *supervision) send(sigs []syscall.Signal, pids []int) {
 	seen := map[int]bool{}
 	for _, pid := range pids {
 		if seen[pid] {
 			continue
 		}
 		seen[pid] = true
-		for _, sig := range s.pending {
+		for _, sig := range sigs {
 			s.log.Info("forwarding signal", "signal", sig.String(), "to", pid)
 			unix.Kill(pid, sig)
 		}
 	}
-	s.pending = nil
 }
 
 // reap reaps every child that exited.
@@ -400,11 +527,11 @@ func (s *supervision) reap() {
 		if pid <= 0 || err != nil {
 			return
 		}
-		s.mu.Lock()
-		if g := s.gens[pid]; g != nil {
-			g.exited = true
+		if pid != s.main {
+			s.mu.Lock()
+			delete(s.gens, pid) // an older generation, reaped
+			s.mu.Unlock()
 		}
-		s.mu.Unlock()
 		if pid == s.warden {
 			s.log.Error("the warden exited: the server would outlive a killed supervisor", "status", status(ws))
 		}
@@ -469,7 +596,7 @@ func (s *supervision) finish() bool {
 		"EXTEND_TIMEOUT_USEC="+strconv.FormatInt(bound.Microseconds(), 10))
 	s.setPhase(phaseDraining)
 	s.deadline = time.After(bound)
-	s.forward(draining...)
+	s.forwardStops(draining...)
 	return false
 }
 
@@ -510,7 +637,7 @@ func (s *supervision) handle(m message) {
 		// successor about itself; either way a child of the current
 		// generation, or of ours once its parent is gone.
 		if err == nil && pid > 0 && pid != s.main && (m.pid == s.main || m.pid == pid) {
-			if ppid, _ := procStat(pid); ppid == s.main || ppid == os.Getpid() || !procMatches() {
+			if st, _ := procStat(pid); st.ppid == s.main || st.ppid == os.Getpid() || !procMatches() {
 				s.follow(pid, "new generation")
 			}
 		}
@@ -543,11 +670,15 @@ func (s *supervision) handle(m message) {
 // follow makes pid the main process.
 func (s *supervision) follow(pid int, why string) {
 	s.log.Info(why, "pid", pid, "previous", s.main)
+	if st, ok := procStat(pid); ok && st.pgrp != s.warden {
+		s.log.Warn("the new main process left the server's process group (it called setsid?): it is not stopped if the supervisor is killed", "pid", pid, "group", st.pgrp, "server_group", s.warden)
+	}
+	g := newGeneration(pid)
 	s.mu.Lock()
-	if g := s.gens[s.main]; g != nil && g.exited {
+	if old := s.gens[s.main]; old != nil && !old.alive(s.main) {
 		delete(s.gens, s.main)
 	}
-	s.gens[pid] = &generation{}
+	s.gens[pid] = g
 	s.mu.Unlock()
 	s.main, s.deadline = pid, nil
 	s.setPhase(phaseRunning)
@@ -566,7 +697,14 @@ func (s *supervision) fromService(pid int, uid uint32) bool {
 		return false
 	}
 	s.mu.Lock()
-	_, known := s.gens[pid]
+	g, known := s.gens[pid]
+	if known && g.reused(pid) {
+		// A datagram queued by a generation that has exited is still its
+		// own (the credentials are the sender's when it sent), but a
+		// process that has its PID now is not the service.
+		delete(s.gens, pid)
+		known = false
+	}
 	if known && len(s.uids) < 16 {
 		s.uids[uid] = true
 	}
@@ -586,11 +724,11 @@ func (s *supervision) fromService(pid int, uid uint32) bool {
 		if pid <= 1 {
 			return false
 		}
-		ppid, state := procStat(pid)
-		if state == "" {
+		st, ok := procStat(pid)
+		if !ok {
 			return false
 		}
-		pid = ppid
+		pid = st.ppid
 	}
 	return false
 }
@@ -601,24 +739,16 @@ func (s *supervision) draining() []int {
 	defer s.mu.Unlock()
 	var out []int
 	for pid, g := range s.gens {
-		if pid == s.main || g.exited {
+		if pid == s.main {
 			continue
 		}
-		if alive(pid) {
+		if g.alive(pid) {
 			out = append(out, pid)
 		} else {
-			g.exited = true
+			delete(s.gens, pid)
 		}
 	}
 	return out
-}
-
-// alive reports whether pid, a generation, still runs.
-func alive(pid int) bool {
-	if procMatches() {
-		return !gone(pid)
-	}
-	return unix.Kill(pid, 0) == nil
 }
 
 // strangers returns our live children that are no generation we know (nor
@@ -640,8 +770,8 @@ func (s *supervision) isStranger(pid int) bool {
 	if known || pid == s.warden {
 		return false
 	}
-	ppid, state := procStat(pid)
-	return ppid == os.Getpid() && state != "Z" && state != ""
+	st, ok := procStat(pid)
+	return ok && st.ppid == os.Getpid() && st.state != "Z"
 }
 
 // procMatches reports whether /proc shows our PID namespace (a PID
@@ -658,11 +788,11 @@ func gone(pid int) bool {
 	if !procMatches() {
 		return false
 	}
-	ppid, state := procStat(pid)
-	if state == "" {
+	st, ok := procStat(pid)
+	if !ok {
 		return true
 	}
-	return state == "Z" && ppid != os.Getpid()
+	return st.state == "Z" && st.ppid != os.Getpid()
 }
 
 // liveChildren returns our children that are not zombies, but the warden.
@@ -674,7 +804,7 @@ func (s *supervision) liveChildren() []int {
 	var out []int
 	for _, p := range paths {
 		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-		if ppid, state := procStat(pid); ppid == os.Getpid() && state != "Z" && state != "" && pid != s.warden {
+		if st, ok := procStat(pid); ok && st.ppid == os.Getpid() && st.state != "Z" && pid != s.warden {
 			out = append(out, pid)
 		}
 	}
@@ -807,7 +937,7 @@ func (r *notifyReader) recv(buf, oob []byte, wait bool) (m message, ok bool, err
 
 // command prepares the first generation: its notify socket is ours, its
 // watchdog pings come to us, sockets passed by activation go to it.
-func command(cfg Config, notifySocket string) (*exec.Cmd, error) {
+func command(cfg Config, notifySocket string, pgid int) (*exec.Cmd, error) {
 	var env []string
 	for _, kv := range os.Environ() {
 		switch k, _, _ := strings.Cut(kv, "="); k {
@@ -837,10 +967,11 @@ func command(cfg Config, notifySocket string) (*exec.Cmd, error) {
 	cmd.Env = env
 	cmd.ExtraFiles = files
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = cfg.Stdin, cfg.Stdout, cfg.Stderr
-	// Its own process group: a terminal's Ctrl-C reaches the supervisor,
-	// which passes it on once, not every generation twice. Every later
-	// generation inherits it; the warden ends it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// The warden's process group, out of the terminal's: a terminal's
+	// Ctrl-C reaches the supervisor, which passes it on once, not every
+	// generation twice. Every later generation inherits it; the warden
+	// ends it, and its number is pinned while the warden lives.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pgid}
 	return cmd, nil
 }
 
@@ -852,18 +983,29 @@ func status(ws unix.WaitStatus) int {
 	return ws.ExitStatus()
 }
 
-// procStat returns pid's parent and state ("R", "S", "Z", ...), or 0 and
-// "" if there is no such process.
-func procStat(pid int) (ppid int, state string) {
+// procInfo is what /proc/PID/stat tells of a process.
+type procInfo struct {
+	state string // "R", "S", "Z", ...
+	ppid  int
+	pgrp  int
+	start uint64 // since boot, in clock ticks: with the PID, names one process
+}
+
+// procStat returns what /proc tells of pid; ok is false if there is no
+// such process.
+func procStat(pid int) (st procInfo, ok bool) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0, ""
+		return st, false
 	}
 	s := string(b)
 	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	if len(f) < 2 {
-		return 0, ""
+	if len(f) < 20 {
+		return st, false
 	}
-	ppid, _ = strconv.Atoi(f[1])
-	return ppid, f[0]
+	st.state = f[0]
+	st.ppid, _ = strconv.Atoi(f[1])
+	st.pgrp, _ = strconv.Atoi(f[2])
+	st.start, _ = strconv.ParseUint(f[19], 10, 64)
+	return st, true
 }

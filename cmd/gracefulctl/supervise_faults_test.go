@@ -105,7 +105,7 @@ func TestSuperviseNotifyFlood(t *testing.T) {
 	exited := startWatched(t, sup)
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 	first := loadtest.ReadPIDFile(pidfile)
-	defer syscall.Kill(-first, syscall.SIGKILL)
+	defer killGroupOf(first)()
 	name := notifySocketOf(t, first)
 
 	var sent atomic.Int64
@@ -188,7 +188,7 @@ func TestSuperviseKilled(t *testing.T) {
 	exited := startWatched(t, sup)
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 	srv := loadtest.ReadPIDFile(pidfile)
-	defer syscall.Kill(-srv, syscall.SIGKILL)
+	defer killGroupOf(srv)()
 	answer := slowInFlight(ctx, t, addr, 1500)
 
 	require.NoError(t, sup.Process.Kill())
@@ -199,7 +199,7 @@ func TestSuperviseKilled(t *testing.T) {
 	again := exec.Command(ctl, args...)
 	exited = startWatched(t, again)
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
-	defer syscall.Kill(-loadtest.ReadPIDFile(pidfile), syscall.SIGKILL)
+	defer killGroupOf(loadtest.ReadPIDFile(pidfile))()
 	out, err := exec.CommandContext(ctx, ctl, "-socket", sock, "status").CombinedOutput()
 	require.NoError(t, err, "status of the new server: %s", out)
 	require.NoError(t, again.Process.Signal(syscall.SIGTERM))

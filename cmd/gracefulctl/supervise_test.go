@@ -139,9 +139,9 @@ func TestSupervise(t *testing.T) {
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 	gens := []int{loadtest.ReadPIDFile(pidfile)}
 	assert.NotEqual(t, sup.Process.Pid, gens[0], "the server is a child of the supervisor")
-	// Every generation is in the first one's process group: a test that
-	// fails midway leaves none behind.
-	defer syscall.Kill(-gens[0], syscall.SIGKILL)
+	// Every generation is in the first one's process group (the
+	// warden's): a test that fails midway leaves none behind.
+	defer killGroupOf(gens[0])()
 
 	load := loadtest.StartLoad(addr, loadtest.Mix{KeepAliveGET: 2, KeepAlivePOST: 2, FreshGET: 1, Slow: 1, SSE: 1, WS: 1})
 	for i := range 3 {
@@ -233,7 +233,7 @@ func TestSupervise(t *testing.T) {
 		require.NoError(t, sup.Start())
 		defer sup.Process.Kill()
 		require.NoError(t, loadtest.WaitReady(ctx, addr))
-		defer syscall.Kill(-loadtest.ReadPIDFile(pidfile), syscall.SIGKILL)
+		defer killGroupOf(loadtest.ReadPIDFile(pidfile))()
 		require.NoError(t, syscall.Kill(loadtest.ReadPIDFile(pidfile), syscall.SIGKILL))
 		err = sup.Wait()
 		assert.Equal(t, 128+9, sup.ProcessState.ExitCode(), "%v", err)
@@ -389,7 +389,7 @@ func TestSuperviseSuccessorDies(t *testing.T) {
 	exited := startWatched(t, sup)
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 	old := loadtest.ReadPIDFile(pidfile)
-	defer syscall.Kill(-old, syscall.SIGKILL)
+	defer killGroupOf(old)()
 
 	// A request that keeps the old generation draining for 5 s.
 	c, err := net.Dial("tcp", addr)
