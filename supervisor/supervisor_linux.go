@@ -140,8 +140,9 @@ func groupMembers(pgid int) []int {
 	return out
 }
 
-// wardenAnswer bounds the wait for the warden's first byte.
-const wardenAnswer = 30 * time.Second
+// wardenAnswer bounds the wait for the warden's first byte (a variable
+// for tests).
+var wardenAnswer = 30 * time.Second
 
 // startWarden starts the warden and returns the pipe's write end, on which
 // the supervisor writes once the server is started, and the warden's PID,
@@ -187,7 +188,8 @@ func startWarden(stderr io.Writer) (*os.File, int, error) {
 		w.Close()
 		cmd.Process.Kill()
 		cmd.Wait()
-		return nil, 0, fmt.Errorf("supervisor: the warden (this binary, %s, started again) did not answer: its main must call supervisor.Trampoline first: %w", self, err)
+		exe, _ := os.Executable()
+		return nil, 0, fmt.Errorf("supervisor: this binary (%s), started again as the warden, did not answer: its main must call supervisor.Trampoline first: %w", exe, err)
 	}
 	cmd.Process.Release() // reaped with every other child
 	return w, pid, nil

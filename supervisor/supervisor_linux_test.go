@@ -3,11 +3,59 @@
 package supervisor
 
 import (
+	"context"
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 )
+
+// noTrampolineEnv makes the test binary, started as the warden, behave as
+// a binary whose main does not call Trampoline: it runs on (a server).
+const noTrampolineEnv = "GRACEFUL_SUPERVISOR_TEST_NO_TRAMPOLINE"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(wardenEnv) == "1" && os.Getenv(noTrampolineEnv) == "1" {
+		time.Sleep(2 * time.Minute) // killed by Run long before
+		os.Exit(3)
+	}
+	Trampoline()
+	os.Exit(m.Run())
+}
+
+// TestRunWithoutTrampoline (review item 2): Run refuses to start the
+// server when its own binary, started as the warden, does not run the
+// warden's code (an embedding main that does not call Trampoline first):
+// the binary never answers, is killed, and Run returns an error naming
+// Trampoline, the server never started.
+func TestRunWithoutTrampoline(t *testing.T) {
+	t.Setenv(noTrampolineEnv, "1")
+	defer func(d time.Duration) { wardenAnswer = d }(wardenAnswer)
+	wardenAnswer = 2 * time.Second
+	marker := filepath.Join(t.TempDir(), "started")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	code, err := Run(ctx, Config{Command: []string{"sh", "-c", `touch "$0"`, marker}})
+	if err == nil || !strings.Contains(err.Error(), "Trampoline") {
+		t.Fatalf("Run: %d, %v; want an error naming Trampoline", code, err)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Error("the server was started")
+	}
+	// The binary started as the warden was killed and reaped: no child left.
+	paths, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, p := range paths {
+		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		if st, ok := procStat(pid); ok && st.ppid == os.Getpid() {
+			t.Errorf("a child is left: pid %d (%s)", pid, st.state)
+		}
+	}
+	t.Log(err)
+}
 
 // TestStaleGeneration (review item 5): a generation the supervisor knows
 // whose PID now names another process (it exited, reaped by its parent,
