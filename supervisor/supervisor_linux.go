@@ -233,12 +233,31 @@ func (p phase) String() string {
 	return [...]string{"running", "ending", "successor", "adopting", "draining"}[p]
 }
 
+// checkGroup warns, once per generation, when the main process, ready,
+// is not in the warden's process group: a server that detaches (setsid)
+// is not stopped by the warden if the supervisor is killed.
+func (s *supervision) checkGroup() {
+	s.mu.Lock()
+	g := s.gens[s.main]
+	if g == nil || g.groupChecked {
+		s.mu.Unlock()
+		return
+	}
+	g.groupChecked = true
+	s.mu.Unlock()
+	if st, ok := procStat(s.main); ok && st.pgrp != s.warden {
+		s.log.Warn("the server left the process group it was started in (it called setsid?): it is not stopped if the supervisor is killed; run it in the foreground", "pid", s.main, "group", st.pgrp, "server_group", s.warden)
+	}
+}
+
 // generation is one generation of the server the supervisor knows. An
 // older one is forgotten once it has exited: its PID may then name another
 // process, which must not pass for the service.
 type generation struct {
 	start      uint64        // its start time (procInfo.start); 0 if unknown
 	drainBound time.Duration // announced with EXTEND_TIMEOUT_USEC=; 0 if not
+	// groupChecked is set once its process group was looked at.
+	groupChecked bool
 }
 
 // newGeneration records pid as a generation.
@@ -663,6 +682,7 @@ func (s *supervision) handle(m message) {
 	}
 	if m.fields["READY"] == "1" {
 		s.everReady, s.readyLeft = true, nil
+		s.checkGroup()
 	}
 	if len(out) > 0 {
 		s.notify(out...)
@@ -672,9 +692,6 @@ func (s *supervision) handle(m message) {
 // follow makes pid the main process.
 func (s *supervision) follow(pid int, why string) {
 	s.log.Info(why, "pid", pid, "previous", s.main)
-	if st, ok := procStat(pid); ok && st.pgrp != s.warden {
-		s.log.Warn("the new main process left the server's process group (it called setsid?): it is not stopped if the supervisor is killed", "pid", pid, "group", st.pgrp, "server_group", s.warden)
-	}
 	g := newGeneration(pid)
 	s.mu.Lock()
 	if old := s.gens[s.main]; old != nil && !old.alive(s.main) {
