@@ -98,12 +98,7 @@ func TestSuperviseNotifyFlood(t *testing.T) {
 	defer cancel()
 	require.NoError(t, loadtest.BecomeSubreaper())
 	dir, ctl, server := buildTools(t, ctx)
-	addr, err := loadtest.FreeAddr()
-	require.NoError(t, err)
-	pidfile := filepath.Join(dir, "server.pid")
-	sup := exec.Command(ctl, "supervise", "--", server, "-addr", addr, "-pidfile", pidfile)
-	exited := startWatched(t, sup)
-	require.NoError(t, loadtest.WaitReady(ctx, addr))
+	sup, exited, _, pidfile := startSupervised(t, ctx, dir, ctl, server)
 	first := loadtest.ReadPIDFile(pidfile)
 	defer killGroupOf(first)()
 	name := notifySocketOf(t, first)
@@ -254,41 +249,22 @@ func TestSuperviseForkingCommand(t *testing.T) {
 // requests in flight on the old generation, 8 s each, are answered, and
 // it exits 1.
 func TestSuperviseDrainingGenerationPID1(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for a PID namespace")
-	}
-	unshare, err := exec.LookPath("unshare")
-	if err != nil {
-		t.Skip("needs unshare (util-linux)")
-	}
+	unshare := needPIDNamespace(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	require.NoError(t, loadtest.BecomeSubreaper())
-	dir, ctl, good := buildTools(t, ctx)
-	bad, err := loadtest.BuildWith(ctx, filepath.Join(dir, "bad"), "github.com/graceful-go/graceful/examples/httpserver", false, "-X main.panicAfter=200ms")
-	require.NoError(t, err)
-	live := filepath.Join(dir, "srv", "httpserver")
-	require.NoError(t, os.MkdirAll(filepath.Dir(live), 0o755))
-	b, err := os.ReadFile(good)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(live, b, 0o755))
+	dir, ctl, live, bad := buildPanicking(t, ctx)
 	addr, err := loadtest.FreeAddr()
 	require.NoError(t, err)
 	pidfile := filepath.Join(dir, "server.pid")
 	cmd := exec.Command(unshare, "--pid", "--mount-proc", "--fork", "--kill-child", "--", ctl, "supervise", "--", live, "-addr", addr, "-pidfile", pidfile, "-drain-timeout", "60s")
 	exited := startWatched(t, cmd)
-	var sup int // the supervisor's PID out here; 1 inside
-	for deadline := time.Now().Add(30 * time.Second); sup == 0; time.Sleep(5 * time.Millisecond) {
-		require.False(t, time.Now().After(deadline), "unshare started no supervisor")
-		if c := loadtest.Children(cmd.Process.Pid); len(c) == 1 {
-			sup = c[0]
-		}
-	}
+	sup := supervisorIn(t, cmd)
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 	old := onlyChildBut(t, "start-up", sup, 0)
 
 	answers := []<-chan int{slowInFlight(ctx, t, addr, 8000), slowInFlight(ctx, t, addr, 8000)}
-	b, err = os.ReadFile(bad)
+	b, err := os.ReadFile(bad)
 	require.NoError(t, err)
 	require.NoError(t, loadtest.WriteExecutable(live, bytes.NewReader(b)))
 	start := time.Now()

@@ -277,13 +277,7 @@ func childrenOf(pid int) (all []int, zombies int) {
 // outside) without a failed request, reaps an orphan the server's start-up
 // leaves behind, and on SIGTERM drains and exits with the server's status.
 func TestSupervisePID1(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for a PID namespace")
-	}
-	unshare, err := exec.LookPath("unshare")
-	if err != nil {
-		t.Skip("needs unshare (util-linux)")
-	}
+	unshare := needPIDNamespace(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	require.NoError(t, loadtest.BecomeSubreaper())
@@ -298,13 +292,7 @@ func TestSupervisePID1(t *testing.T) {
 	cmd := exec.Command(unshare, "--pid", "--mount-proc", "--fork", "--kill-child", "--", ctl, "supervise", "--",
 		"sh", "-c", `(sleep 0.2 &); exec "$0" "$@"`, server, "-addr", addr, "-pidfile", pidfile)
 	exited := startWatched(t, cmd) // killing unshare (--kill-child) ends the namespace
-	var sup int                    // the supervisor's PID out here; 1 inside
-	for deadline := time.Now().Add(30 * time.Second); sup == 0; time.Sleep(5 * time.Millisecond) {
-		require.False(t, time.Now().After(deadline), "unshare started no supervisor")
-		if c := loadtest.Children(cmd.Process.Pid); len(c) == 1 {
-			sup = c[0]
-		}
-	}
+	sup := supervisorIn(t, cmd)
 	require.NoError(t, loadtest.WaitReady(ctx, addr))
 
 	// The orphan was reparented to PID 1 and reaped: only the server is
@@ -374,14 +362,7 @@ func TestSuperviseSuccessorDies(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	require.NoError(t, loadtest.BecomeSubreaper())
-	dir, ctl, good := buildTools(t, ctx)
-	bad, err := loadtest.BuildWith(ctx, filepath.Join(dir, "bad"), "github.com/graceful-go/graceful/examples/httpserver", false, "-X main.panicAfter=200ms")
-	require.NoError(t, err)
-	live := filepath.Join(dir, "srv", "httpserver")
-	require.NoError(t, os.MkdirAll(filepath.Dir(live), 0o755))
-	b, err := os.ReadFile(good)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(live, b, 0o755))
+	dir, ctl, live, bad := buildPanicking(t, ctx)
 	addr, err := loadtest.FreeAddr()
 	require.NoError(t, err)
 	pidfile := filepath.Join(dir, "server.pid")
@@ -404,7 +385,7 @@ func TestSuperviseSuccessorDies(t *testing.T) {
 		answered <- string(b)
 	}()
 
-	b, err = os.ReadFile(bad)
+	b, err := os.ReadFile(bad)
 	require.NoError(t, err)
 	require.NoError(t, loadtest.WriteExecutable(live, bytes.NewReader(b)))
 	start := time.Now()
@@ -434,5 +415,60 @@ func onlyChildBut(t *testing.T, what string, parent, old int) int {
 			return all[0]
 		}
 		require.False(t, time.Now().After(deadline), "%s: %d has children %v (%d zombies)", what, parent, all, zombies)
+	}
+}
+
+// startSupervised runs server under gracefulctl supervise (ctl), serving on
+// a free address with its PID file in dir, and waits until it answers.
+func startSupervised(t *testing.T, ctx context.Context, dir, ctl, server string) (sup *exec.Cmd, exited <-chan int, addr, pidfile string) {
+	t.Helper()
+	addr, err := loadtest.FreeAddr()
+	require.NoError(t, err)
+	pidfile = filepath.Join(dir, "server.pid")
+	sup = exec.Command(ctl, "supervise", "--", server, "-addr", addr, "-pidfile", pidfile)
+	exited = startWatched(t, sup)
+	require.NoError(t, loadtest.WaitReady(ctx, addr))
+	return sup, exited, addr, pidfile
+}
+
+// buildPanicking builds the tools, puts the good reference server at a
+// path of its own (live, which deploys replace) and builds bad, a server
+// that panics 200 ms after it starts serving.
+func buildPanicking(t *testing.T, ctx context.Context) (dir, ctl, live, bad string) {
+	t.Helper()
+	dir, ctl, good := buildTools(t, ctx)
+	bad, err := loadtest.BuildWith(ctx, filepath.Join(dir, "bad"), "github.com/graceful-go/graceful/examples/httpserver", false, "-X main.panicAfter=200ms")
+	require.NoError(t, err)
+	live = filepath.Join(dir, "srv", "httpserver")
+	require.NoError(t, os.MkdirAll(filepath.Dir(live), 0o755))
+	b, err := os.ReadFile(good)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(live, b, 0o755))
+	return dir, ctl, live, bad
+}
+
+// needPIDNamespace skips the test, saying why, unless it can make a PID
+// namespace; it returns unshare's path.
+func needPIDNamespace(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a PID namespace")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("needs unshare (util-linux)")
+	}
+	return unshare
+}
+
+// supervisorIn waits (at most 30 s) for the supervisor that unshare (cmd)
+// starts as PID 1 of its namespace, and returns its PID out here.
+func supervisorIn(t *testing.T, cmd *exec.Cmd) int {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		require.False(t, time.Now().After(deadline), "unshare started no supervisor")
+		if c := loadtest.Children(cmd.Process.Pid); len(c) == 1 {
+			return c[0]
+		}
 	}
 }
